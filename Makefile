@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine; each builds its own virtual environment.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup setup-test clean
+
+$(BIN)/.runtime: requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(BIN)/.test: requirements-test.txt $(BIN)/.runtime
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+setup: $(BIN)/.runtime
+setup-test: $(BIN)/.test
+
+demo: setup
+	$(BIN)/keye train configs/demo/all.yaml
+
+test: setup-test
+	$(BIN)/python -m pytest -q -x --timeout=900 tests
+
+clean:
+	rm -rf $(VENV)

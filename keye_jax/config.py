@@ -1,0 +1,356 @@
+"""Typed, frozen configuration: dataclasses loaded from YAML, HF config.json and `key.sub=value` overrides.
+
+Every config is a frozen dataclass. `from_dict` builds one from nested dicts and rejects unknown keys and
+wrong types with an error that names the full dotted key. A YAML value for a dataclass-typed field may be a
+path to another YAML file (relative to the including file), which is how stage files compose model files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, missing or of the wrong type; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The model.
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Qwen3 decoder sizes. Defaults are Keye-VL-1.5-8B's."""
+
+  vocab_size: int = 151936
+  hidden_size: int = 4096
+  intermediate_size: int = 12288
+  num_layers: int = 36
+  num_heads: int = 32
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1_000_000.0
+  mrope_section: tuple[int, int, int] = (16, 24, 24)
+  max_position_embeddings: int = 40960
+  tie_word_embeddings: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """SigLIP-so400m vision tower at native resolution. Defaults are Keye-VL-1.5-8B's."""
+
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_layers: int = 27
+  num_heads: int = 16
+  num_channels: int = 3
+  image_size: int = 384
+  patch_size: int = 14
+  layer_norm_eps: float = 1e-6
+  spatial_merge_size: int = 2
+  rope_theta: float = 10000.0
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def grid_size(self) -> int:  # side of the learned position table (27 at 384/14)
+    return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyeConfig:
+  """The whole model plus how it runs (layout, remat, dtypes, attention implementation).
+
+  `vision=None` is a text-only Qwen3 model (used for converting a Qwen3 checkpoint and for tests).
+  """
+
+  text: TextConfig = TextConfig()
+  vision: VisionConfig | None = VisionConfig()
+  projector_ln_eps: float = 1e-5
+  # Special tokens (released tokenizer ids; the 1.5-only tokens are looked up by name in the tokenizer).
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+  bos_token_id: int = 151643
+  eos_token_id: int = 151645
+  # How the model runs.
+  scan_layers: bool = True
+  remat: str = "none"  # none | full | dots | dots_no_batch
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype: bfloat16 for training/serving on TPU
+  attention_impl: str = "auto"  # auto | xla | pallas | splash
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic loading.
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+  """Returns `value` converted to `tp` where that is lossless (int->float, list->tuple), else raises."""
+  origin = typing.get_origin(tp)
+  if tp is Any:
+    return value
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _check_type(value, arg, key)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(f"{key}: {value!r} does not match {tp}")
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+    return from_dict(tp, value, prefix=key)
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(args) != len(value):
+      raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+    return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+  if origin is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    _, vt = typing.get_args(tp)
+    return {k: _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+    return value
+  if tp in (str, bool):
+    if not isinstance(value, tp):
+      raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+  if isinstance(tp, type) and not isinstance(value, tp):
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+  return value
+
+
+def _hints(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "", base_dir: str | None = None) -> T:
+  """Builds dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+  if not isinstance(data, dict):
+    raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+  hints = _hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - names)
+  if unknown:
+    where = f"{prefix}." if prefix else ""
+    raise ConfigError(f"unknown config key {where}{unknown[0]} (valid keys of {cls.__name__}: {sorted(names)})")
+  kwargs = {}
+  for name, value in data.items():
+    key = f"{prefix}.{name}" if prefix else name
+    tp = hints[name]
+    # A string where a dataclass is expected: include another YAML file.
+    sub = _dataclass_in(tp)
+    if sub is not None and isinstance(value, str):
+      path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
+      if not os.path.exists(path) and os.path.exists(value):
+        path = value
+      value = _read_yaml(path, key)
+      kwargs[name] = from_dict(sub, value, prefix=key, base_dir=os.path.dirname(path))
+      continue
+    if sub is not None and isinstance(value, dict):
+      kwargs[name] = from_dict(sub, value, prefix=key, base_dir=base_dir)
+      continue
+    kwargs[name] = _check_type(value, tp, key)
+  return cls(**kwargs)
+
+
+def _dataclass_in(tp) -> type | None:
+  if dataclasses.is_dataclass(tp):
+    return tp
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    for arg in typing.get_args(tp):
+      if dataclasses.is_dataclass(arg):
+        return arg
+  return None
+
+
+def _read_yaml(path: str, what: str = "") -> dict:
+  if not os.path.exists(path):
+    raise ConfigError(f"{what + ': ' if what else ''}config file not found: {path}")
+  with open(path) as f:
+    try:
+      data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path}: not valid YAML: {e}") from e
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: the top level must be a mapping")
+  return data
+
+
+def to_dict(cfg) -> dict:
+  """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+
+  def conv(v):
+    if dataclasses.is_dataclass(v):
+      return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (tuple, list)):
+      return [conv(x) for x in v]
+    if isinstance(v, dict):
+      return {k: conv(x) for k, x in v.items()}
+    return v
+
+  return conv(cfg)
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
+  """Applies `a.b.c=value` strings (values parsed as YAML scalars/lists) to a frozen config."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    cfg = _replace_path(cfg, key.strip().split("."), value, key.strip())
+  return cfg
+
+
+def _replace_path(cfg, parts: list[str], value, full_key: str):
+  name = parts[0]
+  names = {f.name for f in dataclasses.fields(cfg)}
+  if name not in names:
+    raise ConfigError(f"unknown config key {full_key} ({name!r} is not one of {sorted(names)})")
+  tp = _hints(type(cfg))[name]
+  if len(parts) == 1:
+    sub = _dataclass_in(tp)
+    if sub is not None and isinstance(value, dict):
+      current = getattr(cfg, name)
+      merged = {**to_dict(current), **value} if current is not None else value
+      new = from_dict(sub, merged, prefix=full_key)
+    else:
+      new = _check_type(value, tp, full_key)
+    return dataclasses.replace(cfg, **{name: new})
+  child = getattr(cfg, name)
+  if not dataclasses.is_dataclass(child):
+    raise ConfigError(f"unknown config key {full_key} ({name!r} has no sub-keys)")
+  return dataclasses.replace(cfg, **{name: _replace_path(child, parts[1:], value, full_key)})
+
+
+def load(cls: type[T], path: str, overrides: list[str] | tuple[str, ...] = ()) -> T:
+  """Loads `cls` from a YAML file, then applies `key.sub=value` overrides."""
+  data = _read_yaml(path)
+  try:
+    cfg = from_dict(cls, data, base_dir=os.path.dirname(os.path.abspath(path)))
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from e
+  return apply_overrides(cfg, overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# The released checkpoint's config.json (flat text fields, nested `vision_config`).
+
+_TEXT_FROM_HF = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+_VISION_FROM_HF = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_channels": "num_channels",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "layer_norm_eps": "layer_norm_eps",
+    "spatial_merge_size": "spatial_merge_size",
+}
+_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+           "bos_token_id", "eos_token_id")
+
+
+def _pick(src: dict, table: dict, cls, where: str) -> dict:
+  out = {}
+  for ours, theirs in table.items():
+    if theirs in src and src[theirs] is not None:
+      out[ours] = src[theirs]
+  return out
+
+
+def from_hf_config(hf: dict, **runtime) -> KeyeConfig:
+  """KeyeConfig from a released (or Qwen3) config.json dict. `runtime` sets scan_layers, dtype, ..."""
+  text_src = dict(hf)
+  if "text_config" in hf and isinstance(hf["text_config"], dict):  # transformers-PR nesting
+    text_src = {**hf, **hf["text_config"]}
+  text = _pick(text_src, _TEXT_FROM_HF, TextConfig, "config.json")
+  if "head_dim" not in text and "hidden_size" in text and "num_heads" in text:
+    text["head_dim"] = text["hidden_size"] // text["num_heads"]
+  # rope_theta may live in rope_parameters / rope_scaling in newer transformers configs.
+  for k in ("rope_scaling", "rope_parameters"):
+    rs = text_src.get(k) or {}
+    if isinstance(rs, dict):
+      if "mrope_section" in rs:
+        text["mrope_section"] = list(rs["mrope_section"])
+      if "rope_theta" in rs and "rope_theta" not in text:
+        text["rope_theta"] = rs["rope_theta"]
+  if "mrope_section" not in text:
+    hd = text.get("head_dim", TextConfig.head_dim)
+    if hd != 128:  # a plain Qwen3 of another head size: all frequency slots on the temporal axis
+      text["mrope_section"] = [hd // 2, 0, 0]
+  vision = None
+  if isinstance(hf.get("vision_config"), dict):
+    vision = from_dict(VisionConfig, _pick(hf["vision_config"], _VISION_FROM_HF, VisionConfig, "vision_config"),
+                       prefix="config.json:vision_config")
+  tokens = {k: hf[k] for k in _TOKENS if isinstance(hf.get(k), int)}
+  if isinstance(hf.get("eos_token_id"), list) and hf["eos_token_id"]:
+    tokens["eos_token_id"] = hf["eos_token_id"][0]
+  return KeyeConfig(text=from_dict(TextConfig, text, prefix="config.json"), vision=vision, **tokens,
+                    **{k: v for k, v in runtime.items()})
+
+
+def to_hf_config(cfg: KeyeConfig, base: dict | None = None) -> dict:
+  """Writes our config back into the released flat layout, keeping unknown fields of `base`."""
+  out = dict(base or {})
+  t = cfg.text
+  for ours, theirs in _TEXT_FROM_HF.items():
+    out[theirs] = getattr(t, ours)
+  out.setdefault("hidden_act", "silu")
+  if cfg.vision is not None:
+    out["rope_scaling"] = {**(out.get("rope_scaling") or {}), "type": "mrope",
+                           "mrope_section": list(t.mrope_section)}
+    vc = dict(out.get("vision_config") or {})
+    for ours, theirs in _VISION_FROM_HF.items():
+      vc[theirs] = getattr(cfg.vision, ours)
+    vc.setdefault("hidden_act", "gelu_pytorch_tanh")
+    out["vision_config"] = vc
+    for k in _TOKENS:
+      out[k] = getattr(cfg, k)
+  return out
