@@ -1,0 +1,198 @@
+"""The Qwen3 text decoder (the language-model half of Keye-VL 1.5).
+
+h += o_proj(attn(RMSNorm_in(h))); h += down(silu(gate(x)) * up(x)) with x = RMSNorm_post(h).
+Attention: GQA, per-head RMSNorm on q and k before M-RoPE, no biases, causal within segments.
+
+Two ways through it:
+  training / prefill  `__call__(embeds, position_ids, segment_ids)` on whole sequences; prefill also
+                      returns every layer's K/V to fill a cache;
+  decoding            `decode(embeds, position_ids, cache)`: a few new tokens attend to a preallocated
+                      cache (B, T, Hkv, hd) per layer, which is updated and returned.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from keye_jax import rope
+from keye_jax.config import KeyeConfig, TextConfig
+from keye_jax.layers import Dense, Embed, RMSNorm
+from keye_jax.sharding import constrain
+from keye_jax.stack import Stack
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, attention_impl: str, rngs: nnx.Rngs, dtype, param_dtype):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    kw = dict(bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = Dense(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
+    self.k_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+    self.v_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+    self.o_proj = Dense(cfg.num_heads * hd, d, ("heads", "embed"), **kw)
+    self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.attention_impl = attention_impl
+
+  def qkv(self, x_bsd, cos, sin):
+    b, s, _ = x_bsd.shape
+    q = self.q_norm(self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim))
+    k = self.k_norm(self.k_proj(x_bsd).reshape(b, s, self.num_kv_heads, self.head_dim))
+    v = self.v_proj(x_bsd).reshape(b, s, self.num_kv_heads, self.head_dim)
+    q = constrain(rope.apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+    k = constrain(rope.apply_rope(k, cos, sin), ("batch", "length", "act_heads", None))
+    return q, k, v
+
+  def __call__(self, x_bsd, cos, sin, segment_ids, cache=None):
+    """Returns (output (B, S, D), (k, v) of this call). With `cache` = (k_cache, v_cache, kv_segment_ids,
+    index), the new k/v are written at `index` and the queries attend to the whole cache instead."""
+    b, s, _ = x_bsd.shape
+    q, k, v = self.qkv(x_bsd, cos, sin)
+    if cache is None:
+      out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+                              impl=self.attention_impl)
+      new = (k, v)
+    else:
+      k_cache, v_cache, kv_segment_ids, index = cache
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      # The new tokens see every valid cache slot up to themselves (causal among themselves).
+      t = k_cache.shape[1]
+      slot = jnp.arange(t)
+      visible = (kv_segment_ids[:, None, :] != 0) & (slot[None, None, :] <= index + jnp.arange(s)[None, :, None])
+      q_seg = jnp.ones((b, s), jnp.int32)
+      out = _attend_masked(q, k_cache, v_cache, visible, self.attention_impl, q_seg, kv_segment_ids)
+      new = (k_cache, v_cache)
+    out = out.reshape(b, s, self.num_heads * self.head_dim)
+    return self.o_proj(out), new
+
+
+def _attend_masked(q, k, v, visible_bqt, impl, q_seg, kv_seg):
+  """Decode-time attention over a cache. One new token per row uses the segment-id dispatch; several
+  new tokens (speculative/chunked decoding) need a causal offset the dispatch does not express, so they
+  use the reference path with an explicit mask."""
+  if q.shape[1] == 1:
+    return kernels.attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=(kv_seg != 0).astype(jnp.int32),
+                             causal=False, impl="xla" if impl == "auto" else impl)
+  b, s, hq, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, s, hkv, hq // hkv, d)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+  logits = jnp.where(visible_bqt[:, None, None], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, s, hq, d)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate_proj = Dense(d, f, ("embed", "mlp"), **kw)
+    self.up_proj = Dense(d, f, ("embed", "mlp"), **kw)
+    self.down_proj = Dense(f, d, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(h, ("batch", "length", "act_mlp")))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, attention_impl: str, rngs: nnx.Rngs, dtype, param_dtype):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.attn = Attention(cfg, attention_impl=attention_impl, rngs=rngs, **kw)
+    self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.mlp = MLP(cfg, rngs=rngs, **kw)
+
+  def __call__(self, h, cache, *, cos, sin, segment_ids, index=None, kv_segment_ids=None, return_kv=False):
+    layer_cache = None if cache is None else (cache[0], cache[1], kv_segment_ids, index)
+    a, kv = self.attn(self.input_norm(h), cos, sin, segment_ids, layer_cache)
+    h = h + a
+    h = h + self.mlp(self.post_norm(h))
+    return constrain(h, ("batch", "length", "act_embed")), (kv if return_kv else None)
+
+
+class Decoder(nnx.Module):
+  """Embedding, decoder layers, final norm and (untied) lm_head."""
+
+  def __init__(self, cfg: KeyeConfig, *, rngs: nnx.Rngs):
+    t = cfg.text
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.cfg = t
+    self.embed = Embed(t.vocab_size, t.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.layers = Stack(
+        lambda r: DecoderLayer(t, attention_impl=cfg.attention_impl, rngs=r, dtype=dtype,
+                               param_dtype=param_dtype),
+        t.num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+    self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.lm_head = None if t.tie_word_embeddings else Dense(
+        t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, dtype=dtype,
+        param_dtype=param_dtype)
+
+  def _cos_sin(self, position_ids_3bs):
+    t = self.cfg
+    return rope.mrope_cos_sin(position_ids_3bs, t.head_dim, t.rope_theta, t.mrope_section)
+
+  def hidden_states(self, embeds_bsd, position_ids_3bs, segment_ids_bs, *, return_kv: bool = False):
+    """Final-normed hidden states (B, S, D); with return_kv also the stacked (k, v), each (L, B, S, Hkv, hd)."""
+    cos, sin = self._cos_sin(position_ids_3bs)
+    h = constrain(embeds_bsd, ("batch", "length", "act_embed"))
+    h, kv = self.layers(h, None, cos=cos, sin=sin, segment_ids=segment_ids_bs, return_kv=return_kv)
+    h = self.norm(h)
+    return (h, kv) if return_kv else h
+
+  def logits(self, h_bsd):
+    if self.lm_head is None:
+      return jnp.dot(h_bsd, self.embed.embedding[...].astype(h_bsd.dtype).T)
+    return self.lm_head(h_bsd)
+
+  def lm_head_kernel(self):
+    """(D, V) output projection, for losses that never materialise all logits at once."""
+    return self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+  def __call__(self, input_ids_bs, position_ids_3bs=None, segment_ids_bs=None):
+    """Text-only forward: token ids -> logits (B, S, V). Default positions 0..S-1, one segment."""
+    b, s = input_ids_bs.shape
+    if position_ids_3bs is None:
+      position_ids_3bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (3, b, s))
+    if segment_ids_bs is None:
+      segment_ids_bs = jnp.ones((b, s), jnp.int32)
+    return self.logits(self.hidden_states(self.embed(input_ids_bs), position_ids_3bs, segment_ids_bs))
+
+  # ---- decoding with a preallocated cache -------------------------------------------------------
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+    """Zeroed cache: k, v (L, B, T, Hkv, hd), segment ids (B, T) (0 = empty slot), next index."""
+    t = self.cfg
+    dtype = dtype or self.embed.dtype
+    shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+  def prefill(self, embeds_bsd, position_ids_3bs, segment_ids_bs, cache: dict):
+    """Runs the prompt (left-padded: segment id 0 on padding) and writes its K/V into the cache slots
+    0..S-1. Returns (hidden (B, S, D), cache)."""
+    s = embeds_bsd.shape[1]
+    h, (k, v) = self.hidden_states(embeds_bsd, position_ids_3bs, segment_ids_bs, return_kv=True)
+    cache = dict(
+        k=jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0, 0)),
+        v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, 0, 0, 0)),
+        segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bs.astype(jnp.int32), (0, 0)),
+        index=jnp.asarray(s, jnp.int32))
+    return h, cache
+
+  def decode(self, embeds_bsd, position_ids_3bs, cache: dict):
+    """New tokens (B, s) at cache slots index..index+s-1. Returns (hidden (B, s, D), cache)."""
+    b, s, _ = embeds_bsd.shape
+    index = cache["index"]
+    kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], jnp.ones((b, s), jnp.int32), (0, index))
+    cos, sin = self._cos_sin(position_ids_3bs)
+    h, (k, v) = self.layers(embeds_bsd, (cache["k"], cache["v"]), cos=cos, sin=sin, segment_ids=None,
+                            index=index, kv_segment_ids=kv_seg, return_kv=True)
+    return self.norm(h), dict(k=k, v=v, segment_ids=kv_seg, index=index + s)
