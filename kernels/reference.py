@@ -62,3 +62,62 @@ def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: b
   body = jax.checkpoint(lambda args: block(*args))  # keep backward memory blockwise too
   out = jax.lax.map(body, (q_blocks, seg_blocks, offsets))
   return out.swapaxes(0, 1).reshape(b, sq, hq, d)
+
+
+# Kernel-layout building blocks with explicit positions and log-sum-exp, used by ring attention on CPU
+# and as the plain-JAX twin of the Pallas kernels. Shapes: q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D);
+# segment ids and positions (B, S) int32; lse and delta (B, Hq, Sq) float32.
+
+# Finite stand-in for -inf: rows with no visible key get lse = MASK_VALUE, so log-sum-exp combination
+# and exp(s - lse) never meet inf - inf.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def segment_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: bool):
+  """(B, 1, 1, Sq, Skv) bool: same non-zero segment and, when causal, key position <= query position."""
+  mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+  if causal:
+    mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
+  return mask[:, None, None]
+
+
+def _grouped_logits(q, k, scale):
+  b, hq, sq, d = q.shape
+  hkv = k.shape[1]
+  qg = q.reshape(b, hkv, hq // hkv, sq, d)
+  return jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+
+
+def attention_fwd_lse(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+                      causal: bool, scale: float):
+  """Returns (out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) float32); empty rows give 0 and MASK_VALUE."""
+  b, hq, sq, d = q.shape
+  mask = segment_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
+  s = jnp.where(mask, _grouped_logits(q, k, scale), MASK_VALUE)
+  m = s.max(-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  l = p.sum(-1, keepdims=True)
+  out = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out * jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), MASK_VALUE)[..., 0]
+  return out.reshape(b, hq, sq, d).astype(q.dtype), lse.reshape(b, hq, sq)
+
+
+def attention_bwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, lse, do, delta, *,
+                  causal: bool, scale: float):
+  """Gradients (dq, dk, dv) given the row lse and delta = rowsum(do * out) (both may be global, as in
+  ring attention, where these keys are only part of what each query sees)."""
+  b, hq, sq, d = q.shape
+  hkv = k.shape[1]
+  g = hq // hkv
+  mask = segment_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
+  lse_g = lse.reshape(b, hkv, g, sq)[..., None]
+  p = jnp.where(mask, jnp.exp(_grouped_logits(q, k, scale) - lse_g), 0.0)
+  dog = do.reshape(b, hkv, g, sq, d)
+  dv = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
+  dp = jnp.einsum("bhgqd,bhkd->bhgqk", dog, v, preferred_element_type=jnp.float32)
+  ds = p * (dp - delta.reshape(b, hkv, g, sq)[..., None])
+  dq = jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
+  dk = jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q.dtype), q.reshape(b, hkv, g, sq, d),
+                  preferred_element_type=jnp.float32) * scale
+  return dq.reshape(b, hq, sq, d), dk, dv

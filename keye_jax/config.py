@@ -106,14 +106,13 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
       return None
-    errors = []
     for arg in args:
       if arg is type(None):
         continue
       try:
         return _check_type(value, arg, key)
-      except ConfigError as e:
-        errors.append(str(e))
+      except ConfigError:
+        pass
     raise ConfigError(f"{key}: {value!r} does not match {tp}")
   if dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
@@ -136,6 +135,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     _, vt = typing.get_args(tp)
     return {k: _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
   if tp is float:
+    if isinstance(value, str):  # PyYAML reads exponents without a dot ("8e6") as strings
+      try:
+        return float(value)
+      except ValueError:
+        pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
     return float(value)
@@ -297,7 +301,7 @@ _TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_
            "bos_token_id", "eos_token_id")
 
 
-def _pick(src: dict, table: dict, cls, where: str) -> dict:
+def _pick(src: dict, table: dict) -> dict:
   out = {}
   for ours, theirs in table.items():
     if theirs in src and src[theirs] is not None:
@@ -310,7 +314,7 @@ def from_hf_config(hf: dict, **runtime) -> KeyeConfig:
   text_src = dict(hf)
   if "text_config" in hf and isinstance(hf["text_config"], dict):  # transformers-PR nesting
     text_src = {**hf, **hf["text_config"]}
-  text = _pick(text_src, _TEXT_FROM_HF, TextConfig, "config.json")
+  text = _pick(text_src, _TEXT_FROM_HF)
   if "head_dim" not in text and "hidden_size" in text and "num_heads" in text:
     text["head_dim"] = text["hidden_size"] // text["num_heads"]
   # rope_theta may live in rope_parameters / rope_scaling in newer transformers configs.
@@ -327,7 +331,7 @@ def from_hf_config(hf: dict, **runtime) -> KeyeConfig:
       text["mrope_section"] = [hd // 2, 0, 0]
   vision = None
   if isinstance(hf.get("vision_config"), dict):
-    vision = from_dict(VisionConfig, _pick(hf["vision_config"], _VISION_FROM_HF, VisionConfig, "vision_config"),
+    vision = from_dict(VisionConfig, _pick(hf["vision_config"], _VISION_FROM_HF),
                        prefix="config.json:vision_config")
   tokens = {k: hf[k] for k in _TOKENS if isinstance(hf.get(k), int)}
   if isinstance(hf.get("eos_token_id"), list) and hf["eos_token_id"]:
