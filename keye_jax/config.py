@@ -128,7 +128,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
       return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if len(args) != len(value):
       raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-    return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
   if origin is dict:
     if not isinstance(value, dict):
       raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")

@@ -33,7 +33,7 @@ def canonical_shapes(model) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Canonical path -> (shape, dtype) for every parameter, without touching values."""
   out = {}
   for path, var in _model_paths(model).items():
-    x = var[...]
+    x = var.get_value()
     if _is_stacked(path):
       for i in range(x.shape[0]):
         out[path.replace(f"{_STACK}/", f"{_STACK}/{i}/", 1)] = (tuple(x.shape[1:]), x.dtype)
@@ -46,7 +46,7 @@ def get_flat(model) -> dict[str, np.ndarray]:
   """Canonical path -> host numpy array."""
   out = {}
   for path, var in _model_paths(model).items():
-    x = np.asarray(jax.device_get(var[...]))
+    x = np.asarray(jax.device_get(var.get_value()))
     if _is_stacked(path):
       for i in range(x.shape[0]):
         out[path.replace(f"{_STACK}/", f"{_STACK}/{i}/", 1)] = x[i]
@@ -61,7 +61,7 @@ def set_flat(model, flat: dict[str, np.ndarray], *, strict: bool = True) -> None
   naming it."""
   used = set()
   for path, var in _model_paths(model).items():
-    old = var[...]
+    old = var.get_value()
     if _is_stacked(path):
       keys = [path.replace(f"{_STACK}/", f"{_STACK}/{i}/", 1) for i in range(old.shape[0])]
       missing = [k for k in keys if k not in flat]
@@ -82,7 +82,7 @@ def set_flat(model, flat: dict[str, np.ndarray], *, strict: bool = True) -> None
       raise ValueError(f"parameter {path}: checkpoint shape {tuple(new.shape)} != model shape {tuple(old.shape)}")
     arr = jnp.asarray(new, dtype=old.dtype)
     sharding = getattr(old, "sharding", None)
-    var[...] = jax.device_put(arr, sharding) if sharding is not None else arr
+    var.set_value(jax.device_put(arr, sharding) if sharding is not None else arr)
   extra = sorted(set(flat) - used)
   if extra and strict:
     raise KeyError(f"unexpected parameter {extra[0]} (not in the model)")

@@ -62,7 +62,7 @@ def param_specs(state, rules=DEFAULT_RULES, mesh_axes=None):
 
   def spec(v):
     names = tuple(v.get_metadata().get("logical_axes") or ())
-    names = ("layers",) * (v[...].ndim - len(names)) + names
+    names = ("layers",) * (v.get_value().ndim - len(names)) + names
     return logical_to_spec(names, rules, mesh_axes)
 
   return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
