@@ -135,7 +135,6 @@ def to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> dict:
   reader = SafetensorsReader(hf_dir)
   present = {rules.canonical_name(k): k for k in reader.keys()}      # original spelling -> stored name
   plan = rules.expand(cfg)
-  shapes = expected_shapes(cfg)
 
   wanted = {hf for hf, _, _, _ in plan}
   if cfg.text.tie_word_embeddings:
@@ -149,25 +148,34 @@ def to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> dict:
     raise CheckpointError(f"{reader.files[present[extra[0]]]}: unexpected tensor {present[extra[0]]} "
                           f"(not part of a model with this config.json)")
 
-  def groups():
-    by_group: dict[str, list] = {}
-    for hf, ours, tr, group in plan:
-      by_group.setdefault(group, []).append((hf, ours, tr))
-    for group, items in by_group.items():
-      arrays = {}
-      for hf, ours, tr in items:
-        stored = present[hf]
-        got = reader.shape(stored)
-        want = _hf_shape(shapes[ours], tr, cfg)
+  unused = {n: reader.get(present[n]) for n in unused_names}
+  source = lambda hf: (reader, present[hf])
+  return write_converted(out_dir, cfg, hf_config, stream_groups(cfg, plan, source, np_dtype), unused,
+                         side_files_from=hf_dir, dtype=dtype)
+
+
+def stream_groups(cfg, plan, source, np_dtype=None, fresh=None):
+  """Yields (group, {canonical path: array}) for `plan`, reading each tensor from `source(hf_name) ->
+  (SafetensorsReader, stored name)` and checking its shape; `fresh` supplies arrays for paths that have
+  no source (a newly initialised projector)."""
+  shapes = expected_shapes(cfg)
+  by_group: dict[str, list] = {}
+  for hf, ours, tr, group in plan:
+    by_group.setdefault(group, []).append((hf, ours, tr))
+  for group, items in by_group.items():
+    arrays = {}
+    for hf, ours, tr in items:
+      if fresh is not None and ours in fresh:
+        x = fresh[ours]
+      else:
+        reader, stored = source(hf)
+        got, want = reader.shape(stored), _hf_shape(shapes[ours], tr, cfg)
         if tuple(got) != tuple(want):
           raise CheckpointError(f"{reader.files[stored]}: tensor {stored} has shape {tuple(got)}, "
                                 f"expected {tuple(want)} from config.json")
         x = rules.to_ours(reader.get(stored), tr)
-        arrays[ours] = x.astype(np_dtype) if np_dtype is not None else x
-      yield group, arrays
-
-  unused = {n: reader.get(present[n]) for n in unused_names}
-  return write_converted(out_dir, cfg, hf_config, groups(), unused, side_files_from=hf_dir, dtype=dtype)
+      arrays[ours] = x.astype(np_dtype) if np_dtype is not None else x
+    yield group, arrays
 
 
 # ---- reading converted checkpoints ------------------------------------------------------------------

@@ -129,3 +129,13 @@ def test_bf16_compute_close_to_fp32(ref):
   ids = jnp.asarray(np.random.default_rng(5).integers(0, t.vocab_size, (2, 8)))
   a, b = np.asarray(m32.decoder(ids)), np.asarray(m16.decoder(ids).astype(jnp.float32))
   assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_sharded_matches_single_device():
+  """fsdp=8 and data=2,fsdp=2,tensor=2 on 8 virtual CPU devices (a subprocess: the device count is fixed
+  when jax starts)."""
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-m", "tests.model.sharded_forward"], capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stdout + r.stderr[-3000:]
