@@ -1,0 +1,162 @@
+"""The sampler against transformers' generate (same random weights, fp32), and its own invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from keye_jax.config import KeyeConfig
+from keye_jax.generate import Prompt, Sampler, SamplingParams, bucket, pack_prompts, split_thinking
+from keye_jax.model import KeyeVL
+from keye_jax.params import set_flat
+from tests.model.hf_reference import hf_qwen3, hf_state_to_flat, tiny_text_config
+
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def pair():
+  t = tiny_text_config()
+  hf = hf_qwen3(t, seed=3)
+  cfg = KeyeConfig(text=t, vision=None, attention_impl="xla")
+  model = KeyeVL(cfg, rngs=nnx.Rngs(0))
+  set_flat(model, hf_state_to_flat(hf.state_dict(), cfg))
+  return t, hf, model
+
+
+def _prompts(rng, lengths, vocab):
+  return [rng.integers(1, vocab, n).astype(np.int32) for n in lengths]
+
+
+def _hf_greedy(hf, prompts, new):
+  s = max(len(p) for p in prompts)
+  ids = np.zeros((len(prompts), s), np.int64)
+  mask = np.zeros((len(prompts), s), np.int64)
+  for r, p in enumerate(prompts):
+    ids[r, s - len(p):], mask[r, s - len(p):] = p, 1
+  with torch.no_grad():
+    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
+                      min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+  return out[:, s:].numpy()
+
+
+def test_greedy_matches_transformers_generate_batched_left_padded(pair):
+  t, hf, model = pair
+  prompts = _prompts(np.random.default_rng(0), [5, 17, 11, 3], t.vocab_size)
+  want = _hf_greedy(hf, prompts, NEW)
+  sampler = Sampler(model, stop_token_ids=())
+  got = sampler.generate([Prompt(p) for p in prompts], SamplingParams(max_new_tokens=NEW))
+  for r, g in enumerate(got):
+    assert g.finish_reason == "length" and len(g.tokens) == NEW
+    np.testing.assert_array_equal(np.asarray(g.tokens), want[r], err_msg=f"row {r}")
+
+
+def test_cached_decoding_equals_full_recomputation(pair):
+  """Every generated token is the argmax of a full forward over prompt + generated prefix, and its
+  log-prob matches that forward's log_softmax."""
+  t, _, model = pair
+  prompts = _prompts(np.random.default_rng(1), [9, 4], t.vocab_size)
+  got = Sampler(model, stop_token_ids=()).generate([Prompt(p) for p in prompts],
+                                                   SamplingParams(max_new_tokens=20))
+  for p, g in zip(prompts, got):
+    seq = np.concatenate([p, g.tokens[:-1]])[None]
+    logp = np.asarray(jax.nn.log_softmax(model.decoder(jnp.asarray(seq)), axis=-1))[0, len(p) - 1:]
+    np.testing.assert_array_equal(logp.argmax(-1), g.tokens)
+    np.testing.assert_allclose(logp[np.arange(len(g.tokens)), g.tokens], g.logprobs, atol=1e-4)
+
+
+def test_bucketing_no_recompilation_across_20_prompts(pair):
+  t, _, model = pair
+  sampler = Sampler(model, stop_token_ids=(), length_buckets=(16, 32), new_token_buckets=(8,))
+  rng = np.random.default_rng(2)
+  lengths = rng.integers(2, 32, 20)
+  for p in _prompts(rng, lengths, t.vocab_size):
+    sampler.generate([Prompt(p)], SamplingParams(max_new_tokens=int(rng.integers(2, 9))))
+  n_buckets = len({bucket(int(n), (16, 32)) for n in lengths})
+  assert sampler.trace_counts["prefill"] == n_buckets, sampler.trace_counts
+  assert sampler.trace_counts["decode"] == n_buckets, sampler.trace_counts
+  # Another stream of batched prompts with new sampling knobs: still nothing new to compile.
+  before = dict(sampler.trace_counts)
+  for seed in range(3):
+    sampler.generate([Prompt(p) for p in _prompts(rng, [3, 20], t.vocab_size)],
+                     SamplingParams(max_new_tokens=6, seed=seed))
+  assert sampler.trace_counts["prefill"] == before["prefill"] + 1   # first batch of two rows only
+  assert sampler.trace_counts["decode"] == before["decode"] + 1
+
+
+def test_per_row_stopping_leaves_other_rows_unchanged(pair):
+  t, _, model = pair
+  prompts = [Prompt(p) for p in _prompts(np.random.default_rng(4), [6, 10], t.vocab_size)]
+  free = Sampler(model, stop_token_ids=()).generate(prompts, SamplingParams(max_new_tokens=16))
+  stop = free[0].tokens[5]
+  first = free[0].tokens.index(stop)
+  got = Sampler(model, stop_token_ids=(stop,)).generate(prompts, SamplingParams(max_new_tokens=16))
+  assert got[0].tokens == free[0].tokens[:first + 1] and got[0].finish_reason == "stop"
+  if stop not in free[1].tokens:
+    assert got[1].tokens == free[1].tokens and got[1].finish_reason == "length"
+  else:
+    assert got[1].tokens == free[1].tokens[:free[1].tokens.index(stop) + 1]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(pair):
+  t, _, model = pair
+  sampler = Sampler(model, stop_token_ids=())
+  prompts = [Prompt(p) for p in _prompts(np.random.default_rng(5), [7, 12], t.vocab_size)]
+  hot = dict(max_new_tokens=24, temperature=1.5)
+  a = sampler.generate(prompts, SamplingParams(**hot, seed=1))
+  b = sampler.generate(prompts, SamplingParams(**hot, seed=1))
+  c = sampler.generate(prompts, SamplingParams(**hot, seed=2))
+  assert [g.tokens for g in a] == [g.tokens for g in b]
+  assert [g.tokens for g in a] != [g.tokens for g in c]
+  greedy = sampler.generate(prompts, SamplingParams(max_new_tokens=24))
+  k1 = sampler.generate(prompts, SamplingParams(**hot, top_k=1, seed=3))
+  p0 = sampler.generate(prompts, SamplingParams(**hot, top_p=1e-6, seed=4))
+  assert [g.tokens for g in k1] == [g.tokens for g in greedy] == [g.tokens for g in p0]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+  from keye_jax.generate import sample_token
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  draw = lambda k, p: np.asarray(sample_token(logits, jax.random.key(0), 1.0, k, p, greedy=False)[0])
+  assert set(draw(2, 1.0)) == {0, 1}
+  assert set(draw(0, 0.7)) == {0, 1}           # 0.5 < 0.7 so the second token is still needed
+  assert set(draw(0, 1.0)) == {0, 1, 2, 3}
+  freq = np.bincount(draw(0, 1.0), minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+class CharTokenizer:
+  """id i <-> one letter; enough to test text-level stopping and streaming."""
+  letters = "abcdefghijklmnopqrstuvwxyz <>/"
+
+  def decode(self, ids, skip_special_tokens=True):
+    return "".join(self.letters[i % len(self.letters)] for i in ids)
+
+
+def test_stop_strings_and_streaming(pair):
+  t, _, model = pair
+  prompt = [Prompt(_prompts(np.random.default_rng(6), [8], t.vocab_size)[0])]
+  sampler = Sampler(model, CharTokenizer(), stop_token_ids=(), stream_chunk=4)
+  free = sampler.generate(prompt, SamplingParams(max_new_tokens=24))[0]
+  stop = free.text[9:11]
+  pieces = []
+  got = sampler.generate(prompt, SamplingParams(max_new_tokens=24, stop_strings=(stop,)),
+                         stream=lambda r, s: pieces.append(s))[0]
+  cut = free.text.index(stop)
+  assert got.text == free.text[:cut] and got.finish_reason == "stop"
+  assert "".join(pieces) == got.text
+  assert stop in sampler.decode(got.tokens) and stop not in sampler.decode(got.tokens[:-1])
+
+
+def test_split_thinking_and_pack_prompts_positions():
+  assert split_thinking("<think>\nlet me see\n</think>\n\nB") == ("let me see", "B")
+  assert split_thinking("plain answer") == ("", "plain answer")
+  pos = np.array([[0, 1, 2, 2, 3], [0, 1, 2, 3, 3], [0, 1, 2, 2, 2]])
+  b = pack_prompts([Prompt(np.arange(5), pos), Prompt(np.arange(3))], seq_len=8, batch_size=4,
+                   num_patches=None)
+  np.testing.assert_array_equal(b["segment_ids"][0], [0, 0, 0, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(b["position_ids"][:, 0, :3], 1)
+  np.testing.assert_array_equal(b["rope_delta"][:2], [4 - 8, 3 - 8])
+  assert b["dummy"].tolist() == [False, False, True, True]
