@@ -1,0 +1,299 @@
+"""The synthetic demo dataset: coloured shapes in small images and short videos, learnable by a tiny model.
+
+`write_demo_dataset(out_dir, seed)` writes, in a few seconds on a CPU:
+
+  out_dir/train.jsonl, test.jsonl          manifests; media paths relative to out_dir
+  out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos
+  out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
+  out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
+  out_dir/info.json                        counts per split and category
+
+Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x3 grid are 28 px):
+  caption          describe 1-3 shapes: colour, shape, position
+  color/shape/count/position   multiple-choice questions on an image
+  video_event      a shape appears, moves or changes colour at a known time; what happened?
+  video_time       ... when did it happen? (read from the frame timestamps)
+  long_video       30-48 frames (15-24 s), one event; when? (the long-context stage)
+  reasoning        count by colour with a <think> trace, the user turn ending in /think
+  text             text-only multiple choice (which word is a colour / a shape)
+Videos are static between events, so the unchanged frames become fast frames.
+
+Every question is multiple choice with four options A-D (chance 25%) answered by one letter, in train and
+test alike; test records keep `answer` (the letter), `options` and `category` for exact-match scoring.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from train.data.records import pack_record
+
+SIZE = 84
+CELL = 28
+FPS = 2
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40),
+          "purple": (150, 60, 200), "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+LETTERS = "ABCD"
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+# Video elements keep the small native frame size (the default minimum would upscale to 196x196).
+VIDEO_KEYS = {"fps": float(FPS), "min_pixels": 4 * 28 * 28, "max_pixels": SIZE * SIZE}
+# Examples per split and category.
+TRAIN_COUNTS = {"caption": 300, "color": 200, "shape": 200, "count": 200, "position": 200,
+                "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 160, "text": 60}
+TEST_COUNTS = {"color": 30, "shape": 30, "count": 30, "position": 30, "video_event": 30, "video_time": 30,
+               "long_video": 10, "reasoning": 20}
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing.
+
+def _draw(objects) -> Image.Image:
+  """An 84x84 RGB image of (colour, shape, cell) objects on a dark background."""
+  img = Image.new("RGB", (SIZE, SIZE), (20, 20, 28))
+  d = ImageDraw.Draw(img)
+  for color, shape, cell in objects:
+    r, c = divmod(cell, 3)
+    x0, y0, x1, y1 = c * CELL + 4, r * CELL + 4, c * CELL + CELL - 4, r * CELL + CELL - 4
+    fill = COLORS[color]
+    if shape == "circle":
+      d.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+      d.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
+    else:
+      d.polygon(((x0 + x1) / 2, y0, x1, y1, x0, y1), fill=fill)
+  return img
+
+
+def _png(img: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _mp4(frames: list[Image.Image]) -> bytes:
+  import av
+  buf = io.BytesIO()
+  with av.open(buf, "w", format="mp4") as container:
+    stream = container.add_stream("libx264", rate=FPS, options={"crf": "12", "preset": "ultrafast"})
+    stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+    for f in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(f), format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Questions.
+
+def _name(color, shape) -> str:
+  return f"{color} {shape}"
+
+
+def _where(cell: int) -> str:
+  return "the center" if POSITIONS[cell] == "center" else f"the {POSITIONS[cell]}"
+
+
+def _choices(rng: random.Random, correct: str, pool) -> tuple[list[str], str]:
+  """Four options (the correct one and three distinct distractors) in random order, and its letter."""
+  distractors = rng.sample([p for p in dict.fromkeys(pool) if p != correct], 3)
+  options = distractors + [correct]
+  rng.shuffle(options)
+  return options, LETTERS[options.index(correct)]
+
+
+def _mc_text(question: str, options: list[str]) -> str:
+  lines = [question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+  return "\n".join(lines) + "\nAnswer with the option's letter."
+
+
+def _scene(rng: random.Random, n: int):
+  cells = rng.sample(range(9), n)
+  return [(rng.choice(list(COLORS)), rng.choice(SHAPES), cell) for cell in cells]
+
+
+def _seconds(t: float) -> str:
+  return f"{t:.1f} seconds"
+
+
+class _Builder:
+  """Generates records of each category; media bytes are returned alongside, named by the record."""
+
+  def __init__(self, rng: random.Random):
+    self.rng = rng
+
+  def image_record(self, category: str):
+    rng = self.rng
+    if category == "caption":
+      objs = _scene(rng, rng.randint(1, 3))
+      parts = [f"a {_name(c, s)} in {_where(p)}" for c, s, p in objs]
+      text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+      caption = f"{NUMBERS[len(objs)].capitalize()} shape{'s' if len(objs) > 1 else ''}: {text}."
+      return objs, "Describe the image.", caption, None, None
+    if category == "count":
+      objs = _scene(rng, rng.randint(1, 4))
+      options, letter = _choices(rng, NUMBERS[len(objs)], NUMBERS[1:] + ("five",))
+      return objs, _mc_text("How many shapes are there?", options), letter, options, letter
+    if category == "reasoning":
+      objs = _scene(rng, rng.randint(2, 4))
+      color = rng.choice([c for c, _, _ in objs])
+      matching = [o for o in objs if o[0] == color]
+      options, letter = _choices(rng, NUMBERS[len(matching)], NUMBERS)
+      seen = ", ".join(f"a {_name(c, s)} in {_where(p)}" for c, s, p in objs)
+      listed = " and ".join(f"the {s}" for _, s, _ in matching)
+      think = (f"<think>\nI see {seen}. The {color} ones are {listed}. "
+               f"That makes {NUMBERS[len(matching)]}, option {letter}.\n</think>\n\n{letter}")
+      q = _mc_text(f"How many {color} shapes are there?", options) + " /think"
+      return objs, q, think, options, letter
+    objs = _scene(rng, 1 if category != "position" else rng.randint(1, 3))
+    color, shape, cell = objs[0]
+    if category == "color":
+      q, correct, pool = f"What colour is the {shape}?", color, COLORS
+      objs = [o for o in objs if o[1] != shape or o is objs[0]]
+    elif category == "shape":
+      q, correct, pool = f"What shape is the {color} object?", shape, SHAPES + ("star",)
+    else:
+      q, correct, pool = f"Where is the {_name(color, shape)}?", POSITIONS[cell], POSITIONS
+      objs = [objs[0]] + [o for o in objs[1:] if (o[0], o[1]) != (color, shape)]
+    options, letter = _choices(rng, correct, pool)
+    return objs, _mc_text(q, options), letter, options, letter
+
+  def video_record(self, category: str):
+    """(frames, question, answer text, options, letter) for video_event, video_time or long_video."""
+    rng = self.rng
+    n = rng.randint(30, 48) if category == "long_video" else rng.randint(6, 10)
+    k = rng.randint(1, n - 2)  # the event's frame
+    t_event = k / FPS
+    base = _scene(rng, rng.randint(1, 2))
+    color, shape, cell = base[0]
+    kind = rng.choice(("appear", "move", "change"))
+    before, after = list(base), list(base)
+    if kind == "appear":
+      free = [c for c in range(9) if c not in {o[2] for o in base}]
+      new = (rng.choice([c for c in COLORS if c != color]), rng.choice(SHAPES), rng.choice(free))
+      after = base + [new]
+      what = f"a {_name(new[0], new[1])} appears in {_where(new[2])}"
+      subject = _name(new[0], new[1])
+    elif kind == "move":
+      moves = [(d, cell + 3 * dr + dc) for d, (dr, dc) in DIRECTIONS.items()
+               if 0 <= cell // 3 + dr < 3 and 0 <= cell % 3 + dc < 3
+               and cell + 3 * dr + dc not in {o[2] for o in base}]
+      direction, target = rng.choice(moves)
+      after = [(color, shape, target)] + base[1:]
+      what = f"the {_name(color, shape)} moves {direction}"
+      subject = _name(color, shape)
+    else:
+      new_color = rng.choice([c for c in COLORS if c != color])
+      after = [(new_color, shape, cell)] + base[1:]
+      what = f"the {_name(color, shape)} turns {new_color}"
+      subject = f"{shape} that was {color}"
+    frames = [_draw(before if i < k else after) for i in range(n)]
+    if category == "video_event":
+      pool = self._event_distractors(base, what)
+      options, letter = _choices(rng, what, pool)
+      return frames, _mc_text("What happens in the video?", options), letter, options, letter
+    times = [_seconds(i / FPS) for i in range(1, n)]
+    verb = {"appear": "appear", "move": "move", "change": "change colour"}[kind]
+    options, letter = _choices(rng, _seconds(t_event), times)
+    q = _mc_text(f"When does the {subject} {verb}?", options)
+    return frames, q, letter, options, letter
+
+  def _event_distractors(self, base, what):
+    rng = self.rng
+    pool = {what}
+    while len(pool) < 4:
+      c, s, cell = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randrange(9)
+      pool.add(rng.choice((f"a {_name(c, s)} appears in {_where(cell)}",
+                           f"the {_name(c, s)} moves {rng.choice(list(DIRECTIONS))}",
+                           f"the {_name(c, s)} turns {rng.choice(list(COLORS))}")))
+    return sorted(pool)
+
+  def text_record(self):
+    rng = self.rng
+    kind = rng.choice(("colour", "shape"))
+    if kind == "colour":
+      correct, pool = rng.choice(list(COLORS)), list(SHAPES) + ["table", "river", "seven", "music"]
+    else:
+      correct, pool = rng.choice(SHAPES), list(COLORS) + ["table", "river", "seven"]
+    options = rng.sample(pool, 3) + [correct]
+    rng.shuffle(options)
+    letter = LETTERS[options.index(correct)]
+    return _mc_text(f"Which word names a {kind}?", options), letter, options, letter
+
+
+def _message(user_content, answer) -> list[dict]:
+  return [{"role": "user", "content": user_content},
+          {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def _records(split: str, counts: dict[str, int], rng: random.Random, media_dir: str, out_dir: str):
+  """Yields (record, {relative media path: bytes}) for one split, categories interleaved at random."""
+  b = _Builder(rng)
+  order = [c for c, n in counts.items() for _ in range(n)]
+  rng.shuffle(order)
+  for i, category in enumerate(order):
+    rid = f"{split}-{i:05d}"
+    media = {}
+    if category in ("video_event", "video_time", "long_video"):
+      frames, question, answer, options, letter = b.video_record(category)
+      rel = os.path.relpath(os.path.join(media_dir, f"{rid}.mp4"), out_dir)
+      media[rel] = _mp4(frames)
+      content = [{"type": "video", "video": rel, **VIDEO_KEYS}, {"type": "text", "text": question}]
+    elif category == "text":
+      question, answer, options, letter = b.text_record()
+      content = [{"type": "text", "text": question}]
+    else:
+      objs, question, answer, options, letter = b.image_record(category)
+      rel = os.path.relpath(os.path.join(media_dir, f"{rid}.png"), out_dir)
+      media[rel] = _png(_draw(objs))
+      content = [{"type": "image", "image": rel}, {"type": "text", "text": question}]
+    record = {"id": rid, "category": category, "messages": _message(content, answer)}
+    if letter is not None:
+      record.update(answer=letter, options=options)
+    yield record, media
+
+
+def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scale: float = 1.0) -> dict:
+  """Writes the demo dataset (see the module docstring); returns {"train": N, "test": N, "path": out_dir}.
+
+  `scale` multiplies the number of examples per category (tests use a small scale)."""
+  rng = random.Random(seed)
+  out_dir = os.path.abspath(out_dir)
+  info, packed = {"seed": seed, "splits": {}}, {}
+  for split, counts in (("train", TRAIN_COUNTS), ("test", TEST_COUNTS)):
+    counts = {c: max(1, round(n * scale)) for c, n in counts.items()}
+    media_dir = os.path.join(out_dir, "media", split)
+    os.makedirs(media_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "array_record"), exist_ok=True)
+    packed[split] = []
+    from array_record.python import array_record_module
+    writer = array_record_module.ArrayRecordWriter(
+        os.path.join(out_dir, "array_record", f"{split}.array_record"), "group_size:1")
+    with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as manifest:
+      for record, media in _records(split, counts, rng, media_dir, out_dir):
+        for rel, data in media.items():
+          with open(os.path.join(out_dir, rel), "wb") as f:
+            f.write(data)
+        manifest.write(json.dumps(record) + "\n")
+        blob = pack_record(record, out_dir)
+        writer.write(blob)
+        packed[split].append(blob)
+    writer.close()
+    info["splits"][split] = {"examples": len(packed[split]), "categories": counts}
+  if with_tfds:
+    from train.data.tfds_export import write_tfds
+    write_tfds(packed, os.path.join(out_dir, "tfds"))
+  with open(os.path.join(out_dir, "info.json"), "w") as f:
+    json.dump(info, f, indent=1)
+  return {"train": info["splits"]["train"]["examples"], "test": info["splits"]["test"]["examples"],
+          "path": out_dir}
