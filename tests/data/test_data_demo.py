@@ -1,0 +1,117 @@
+"""The demo dataset: deterministic, the same records in all three forms, well-formed multiple-choice test
+questions, and labels that agree with the pixels (checked numerically on images and video frames)."""
+
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.data.fakes import FakeTokenizer, fake_encode
+from train.data.check import check_source
+from train.data.demo import CELL, COLORS, FPS, POSITIONS, write_demo_dataset
+from train.data.records import unpack_record
+from train.data.sources import open_source
+
+SCALE = 0.1
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("demo"))
+  return write_demo_dataset(out, seed=0, scale=SCALE)
+
+
+def read(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_counts_and_three_identical_forms(demo):
+  root = demo["path"]
+  for split in ("train", "test"):
+    manifest = read(os.path.join(root, f"{split}.jsonl"))
+    assert len(manifest) == demo[split]
+    ar = open_source(os.path.join(root, "array_record", f"{split}.array_record"))
+    tf = open_source(os.path.join(root, "tfds", "keye_demo", "1.0.0")) if split == "train" else None
+    assert len(ar) == demo[split]
+    for i in (0, len(manifest) // 2, len(manifest) - 1):
+      for source in filter(None, (ar, tf)):
+        record, blobs = unpack_record(source[i]["data"])
+        assert record["id"] == manifest[i]["id"] and record["category"] == manifest[i]["category"]
+        for m_ours, m_theirs in zip(record["messages"], manifest[i]["messages"]):
+          for a, b in zip(m_ours["content"], m_theirs["content"]):
+            if a["type"] == "text":
+              assert a == b
+            else:
+              with open(os.path.join(root, b[b["type"]]), "rb") as f:
+                assert blobs[a[a["type"]].removeprefix("blob:")] == f.read()
+  info = json.load(open(os.path.join(root, "info.json")))
+  assert set(info["splits"]["train"]["categories"]) >= {"caption", "video_time", "long_video", "reasoning"}
+
+
+def test_same_seed_same_dataset(demo, tmp_path):
+  again = write_demo_dataset(str(tmp_path), seed=0, scale=SCALE, with_tfds=False)
+  assert open(os.path.join(demo["path"], "train.jsonl")).read() == open(os.path.join(again["path"], "train.jsonl")).read()
+  png = read(os.path.join(again["path"], "test.jsonl"))
+  first_image = next(r for r in png if r["messages"][0]["content"][0]["type"] == "image")
+  rel = first_image["messages"][0]["content"][0]["image"]
+  assert open(os.path.join(demo["path"], rel), "rb").read() == open(os.path.join(again["path"], rel), "rb").read()
+
+
+def test_questions_are_four_way_multiple_choice(demo):
+  for split in ("train", "test"):
+    for r in read(os.path.join(demo["path"], f"{split}.jsonl")):
+      user, assistant = r["messages"]
+      answer = assistant["content"][0]["text"]
+      if split == "test" or r["category"] not in ("caption",):
+        assert r["answer"] in "ABCD" and len(set(r["options"])) == 4, r
+        assert answer == r["answer"] or (answer.startswith("<think>") and answer.endswith(r["answer"]))
+        question = user["content"][-1]["text"]
+        for letter, option in zip("ABCD", r["options"]):
+          assert f"\n{letter}. {option}\n" in question
+      if r["category"] == "reasoning":
+        assert question.endswith("/think") and answer.startswith("<think>\n")
+
+
+def nearest_colour(rgb):
+  names = list(COLORS)
+  d = [np.abs(np.array(COLORS[n]) - rgb).sum() for n in names]
+  return names[int(np.argmin(d))]
+
+
+def test_labels_agree_with_pixels(demo):
+  """Colour and position questions against the image, event times against the video frames."""
+  root = demo["path"]
+  checked = {"color": 0, "position": 0, "video_time": 0}
+  for r in read(os.path.join(root, "test.jsonl")) + read(os.path.join(root, "train.jsonl")):
+    media = r["messages"][0]["content"][0]
+    correct = r["options"][ord(r["answer"]) - 65] if "answer" in r else None
+    if r["category"] == "color":
+      img = np.asarray(Image.open(os.path.join(root, media["image"]))).astype(int)
+      fg = img[(img - [20, 20, 28]).__abs__().sum(-1) > 60]
+      assert nearest_colour(np.median(fg, axis=0)) == correct
+    elif r["category"] == "position" and len(r["options"]) == 4:
+      name = r["messages"][0]["content"][1]["text"].split("\n")[0][len("Where is the "):-1]
+      colour = name.split()[0]
+      img = np.asarray(Image.open(os.path.join(root, media["image"]))).astype(int)
+      mask = (np.abs(img - COLORS[colour]).sum(-1) < 40)
+      r0, c0 = divmod(POSITIONS.index(correct), 3)
+      assert mask[r0 * CELL:(r0 + 1) * CELL, c0 * CELL:(c0 + 1) * CELL].sum() > 100  # the shape is there
+    elif r["category"] == "video_time":
+      with av.open(os.path.join(root, media["video"])) as c:
+        frames = [f.to_ndarray(format="rgb24").astype(int) for f in c.decode(video=0)]
+      change = next(i for i, f in enumerate(frames) if np.abs(f - frames[0]).mean() > 2)
+      assert correct == f"{change / FPS:.1f} seconds"
+    else:
+      continue
+    checked[r["category"]] += 1
+  assert all(n >= 3 for n in checked.values()), checked
+
+
+def test_demo_decodes_cleanly(demo):
+  out = check_source(os.path.join(demo["path"], "array_record", "test.array_record"), FakeTokenizer(),
+                     encode=fake_encode)
+  assert out == {"total": demo["test"], "ok": demo["test"], "bad": {}}
