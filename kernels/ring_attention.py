@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kernels import flash_attention as flash
+from kernels.flash_attention import flash_bwd, flash_fwd
 from kernels import reference
 
 
@@ -39,7 +39,7 @@ def _step_fns(impl: str, causal: bool, scale: float, block_q: int, block_kv: int
   """(forward -> (out, lse), backward -> (dq, dk, dv)) for one chunk pair, in kernel layout."""
   if impl == "pallas":
     kw = dict(causal=causal, scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
-    return functools.partial(flash.flash_fwd, **kw), functools.partial(flash.flash_bwd, **kw)
+    return functools.partial(flash_fwd, **kw), functools.partial(flash_bwd, **kw)
   kw = dict(causal=causal, scale=scale)
   return (functools.partial(reference.attention_fwd_lse, **kw),
           functools.partial(reference.attention_bwd, **kw))
