@@ -48,6 +48,7 @@ def test_counts_and_three_identical_forms(demo):
             else:
               with open(os.path.join(root, b[b["type"]]), "rb") as f:
                 assert blobs[a[a["type"]].removeprefix("blob:")] == f.read()
+  assert len(open_source(os.path.join(root, "tfds", "keye_demo", "1.0.0") + ":test")) == demo["test"]
   info = json.load(open(os.path.join(root, "info.json")))
   assert set(info["splits"]["train"]["categories"]) >= {"caption", "video_time", "long_video", "reasoning"}
 

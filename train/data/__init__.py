@@ -8,5 +8,6 @@
   packing.py   two-budget (text tokens, vision patches) packing of whole examples into fixed rows
   pipeline.py  make_iterator: the resumable iterator of packed batches, optionally as global jax.Arrays
   demo.py      the synthetic, learnable demo dataset
+  tfds_export.py  records -> a prepared TFDS dataset (array_record), written without TensorFlow
   check.py     decode every sample of a source and count the bad ones
 """

@@ -132,8 +132,15 @@ def infer_kind(path: str) -> str:
 
 
 def open_source(source: SourceConfig | str):
-  """Opens a source from its config or from a path (kind inferred)."""
-  cfg = source if isinstance(source, SourceConfig) else SourceConfig(path=str(source))
+  """Opens a source from its config or from a path (kind inferred; `TFDS_DIR:SPLIT` picks a TFDS split)."""
+  if isinstance(source, SourceConfig):
+    cfg = source
+  else:
+    path, _, split = str(source).rpartition(":")
+    if path and not os.path.exists(str(source)) and os.path.isfile(os.path.join(path, "dataset_info.json")):
+      cfg = SourceConfig(path=path, kind="tfds", split=split)
+    else:
+      cfg = SourceConfig(path=str(source))
   kind = infer_kind(cfg.path) if cfg.kind == "auto" else cfg.kind
   if kind == "jsonl":
     return ManifestSource(cfg.path)
