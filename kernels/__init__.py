@@ -57,11 +57,13 @@ def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, 
   if q_segment_ids is None:
     q_segment_ids = jnp.ones((b, sq), jnp.int32)
     kv_segment_ids = jnp.ones((b, skv), jnp.int32)
-  to_kernel = lambda x: x.transpose(0, 2, 1, 3)  # (B, S, H, D) <-> (B, H, S, D)
+  # Lane-aligned heads (D % 128 == 0, text) are read in place; others (vision D = 72) go heads-major.
+  seq_major = d % LANES == 0
+  to_kernel = (lambda x: x) if seq_major else (lambda x: x.transpose(0, 2, 1, 3))  # self-inverse
   out = flash_attention(to_kernel(q), to_kernel(k), to_kernel(v), q_segment_ids.astype(jnp.int32),
                         kv_segment_ids.astype(jnp.int32), default_positions(b, sq, skv - sq),
                         default_positions(b, skv), causal=causal, scale=scale, block_q=blocks[0],
-                        block_kv=blocks[1], interpret=interpret)
+                        block_kv=blocks[1], interpret=interpret, seq_major=seq_major)
   return to_kernel(out)
 
 

@@ -155,16 +155,45 @@ def _like(x, shape, dtype):
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(x).mat)
 
 
+def _act_tile(seq_major: bool, rows: int, d: int, head_row):
+  """BlockSpec of one (rows, D) tile of head h, row block r, where head_row(*grid, *prefetch) = (b, h, r).
+
+  Heads-major arrays are (B, H, S, D); seq-major arrays are the model layout (B, S, H, D) viewed as
+  (B, S, H * D) (a free reshape) and need D a multiple of 128 lanes so a head is one lane-aligned tile.
+  """
+  if seq_major:
+    def index(*args):
+      b_, h, r = head_row(*args)
+      return b_, r, h
+    return pl.BlockSpec((None, rows, d), index)
+
+  def index(*args):
+    b_, h, r = head_row(*args)
+    return b_, h, r, 0
+  return pl.BlockSpec((None, None, rows, d), index)
+
+
+def _dims(q, k, seq_major: bool):
+  """(b, hq, hkv, sq, skv, d) from either layout."""
+  if seq_major:
+    return q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3]
+  return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
+
+
+def _flat(x, seq_major: bool):
+  return x.reshape(*x.shape[:2], -1) if seq_major else x
+
+
 def _check_blocks(sq, skv, block_q, block_kv):
   if sq % block_q or skv % block_kv:
     raise ValueError(f"sequence lengths ({sq}, {skv}) must be multiples of the blocks ({block_q}, {block_kv})")
 
 
 def flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
-              scale: float, block_q: int, block_kv: int, interpret: bool = False):
-  """Kernel layout in, (out (B, Hq, Sq, D), lse (B, Hq, Sq) float32) out."""
-  b, hq, sq, d = q.shape
-  hkv, skv = k.shape[1], k.shape[2]
+              scale: float, block_q: int, block_kv: int, interpret: bool = False, seq_major: bool = False):
+  """(out like q, lse (B, Hq, Sq) float32). Heads-major (B, H, S, D) arrays, or with `seq_major` the
+  model layout (B, S, H, D) read in place (needs D % 128 == 0 on TPU)."""
+  b, hq, hkv, sq, skv, d = _dims(q, k, seq_major)
   _check_blocks(sq, skv, block_q, block_kv)
   g, nq, nk = hq // hkv, sq // block_q, skv // block_kv
   tables = block_tables(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
@@ -173,26 +202,25 @@ def flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
   def kv_block(b_, i, t, kv_index):
     return kv_index[(b_ * nq + i) * nk + t]
 
-  q_map = lambda b_, h, i, t, kv_index, kv_count: (b_, h, i, 0)
-  kv_map = lambda b_, h, i, t, kv_index, kv_count: (b_, h // g, kv_block(b_, i, t, kv_index), 0)
+  q_tile = _act_tile(seq_major, block_q, d, lambda b_, h, i, t, kv_index, kv_count: (b_, h, i))
+  kv_tile = _act_tile(seq_major, block_kv, d,
+                      lambda b_, h, i, t, kv_index, kv_count: (b_, h // g, kv_block(b_, i, t, kv_index)))
   q_row_map = lambda b_, h, i, t, kv_index, kv_count: (b_, i, 0)
   kv_col_map = lambda b_, h, i, t, kv_index, kv_count: (b_, 0, kv_block(b_, i, t, kv_index))
   in_specs = [
-      pl.BlockSpec((None, None, block_q, d), q_map),
-      pl.BlockSpec((None, None, block_kv, d), kv_map),
-      pl.BlockSpec((None, None, block_kv, d), kv_map),
+      q_tile, kv_tile, kv_tile,
       pl.BlockSpec((None, block_q, LANES), q_row_map),
       pl.BlockSpec((None, SUBLANES, block_kv), kv_col_map),
       pl.BlockSpec((None, block_q, LANES), q_row_map),
       pl.BlockSpec((None, SUBLANES, block_kv), kv_col_map),
   ]
   lse_map = lambda b_, h, i, t, kv_index, kv_count: (b_, h, 0, i)
-  out_specs = [pl.BlockSpec((None, None, block_q, d), q_map),
+  out_specs = [q_tile,
                pl.BlockSpec((None, None, SUBLANES, block_q), lse_map)]
   kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, num_q_blocks=nq)
   out, lse = pl.pallas_call(
       kernel,
-      out_shape=[_like(q, (b, hq, sq, d), q.dtype), _like(q, (b, hq, SUBLANES, sq), jnp.float32)],
+      out_shape=[_like(q, _flat(q, seq_major).shape, q.dtype), _like(q, (b, hq, SUBLANES, sq), jnp.float32)],
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, hq, nq, nk), in_specs=in_specs, out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32),
@@ -202,21 +230,23 @@ def flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="segment_flash_fwd",
-  )(tables["kv_index"].reshape(-1), tables["kv_count"].reshape(-1), q, k, v,
+  )(tables["kv_index"].reshape(-1), tables["kv_count"].reshape(-1), *(_flat(x, seq_major) for x in (q, k, v)),
     _lane_rows(q_segment_ids), _sublane_cols(kv_segment_ids), _lane_rows(q_positions),
     _sublane_cols(kv_positions))
-  return out, lse[:, :, 0, :]
+  return out.reshape(q.shape), lse[:, :, 0, :]
 
 
 def flash_bwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, lse, do, delta, *,
-              causal: bool, scale: float, block_q: int, block_kv: int, interpret: bool = False):
-  """(dq, dk, dv) in the input dtypes, given row lse and delta = rowsum(do * out), both (B, Hq, Sq)."""
-  b, hq, sq, d = q.shape
-  hkv, skv = k.shape[1], k.shape[2]
+              causal: bool, scale: float, block_q: int, block_kv: int, interpret: bool = False,
+              seq_major: bool = False):
+  """(dq, dk, dv) in the input dtypes and layout, given row lse and delta = rowsum(do * out), both
+  (B, Hq, Sq)."""
+  b, hq, hkv, sq, skv, d = _dims(q, k, seq_major)
   _check_blocks(sq, skv, block_q, block_kv)
   g, nq, nk = hq // hkv, sq // block_q, skv // block_kv
   tables = block_tables(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
                         block_q=block_q, block_kv=block_kv)
+  acts = tuple(_flat(x, seq_major) for x in (q, k, v, do))
   row_stats = (_sublane_cols(lse), _sublane_cols(delta.astype(jnp.float32)))  # (B, Hq, 8, Sq)
   seg_pos = (_lane_rows(q_segment_ids), _sublane_cols(kv_segment_ids), _lane_rows(q_positions),
              _sublane_cols(kv_positions))
@@ -225,16 +255,15 @@ def flash_bwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
   def kv_block(b_, i, t, kv_index):
     return kv_index[(b_ * nq + i) * nk + t]
 
-  q_map = lambda b_, h, i, t, kv_index, kv_count: (b_, h, i, 0)
-  kv_map = lambda b_, h, i, t, kv_index, kv_count: (b_, h // g, kv_block(b_, i, t, kv_index), 0)
+  q_tile = _act_tile(seq_major, block_q, d, lambda b_, h, i, t, kv_index, kv_count: (b_, h, i))
+  kv_tile = _act_tile(seq_major, block_kv, d,
+                      lambda b_, h, i, t, kv_index, kv_count: (b_, h // g, kv_block(b_, i, t, kv_index)))
   q_row_map = lambda b_, h, i, t, kv_index, kv_count: (b_, i, 0)
   kv_col_map = lambda b_, h, i, t, kv_index, kv_count: (b_, 0, kv_block(b_, i, t, kv_index))
-  q_tile = pl.BlockSpec((None, None, block_q, d), q_map)
-  kv_tile = pl.BlockSpec((None, None, block_kv, d), kv_map)
   stat_tile = pl.BlockSpec((None, None, SUBLANES, block_q), lambda b_, h, i, t, *_: (b_, h, 0, i))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, num_q_blocks=nq),
-      out_shape=_like(q, q.shape, q.dtype),
+      out_shape=_like(q, _flat(q, seq_major).shape, q.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, hq, nq, nk),
           in_specs=[q_tile, kv_tile, kv_tile, q_tile, stat_tile, stat_tile,
@@ -248,23 +277,22 @@ def flash_bwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="segment_flash_dq",
-  )(tables["kv_index"].reshape(-1), tables["kv_count"].reshape(-1), q, k, v, do, *row_stats, *seg_pos)
+  )(tables["kv_index"].reshape(-1), tables["kv_count"].reshape(-1), *acts, *row_stats, *seg_pos)
 
   # dk, dv: per key block, the query blocks that see it, for each of the G query heads of the group.
   def q_block(b_, j, t, q_index):
     return q_index[(b_ * nk + j) * nq + t]
 
-  gq_map = lambda b_, h, j, gi, t, q_index, q_count: (b_, h * g + gi, q_block(b_, j, t, q_index), 0)
-  own_kv_map = lambda b_, h, j, gi, t, q_index, q_count: (b_, h, j, 0)
+  gq_tile = _act_tile(seq_major, block_q, d,
+                      lambda b_, h, j, gi, t, q_index, q_count: (b_, h * g + gi, q_block(b_, j, t, q_index)))
+  own_kv_tile = _act_tile(seq_major, block_kv, d, lambda b_, h, j, gi, t, q_index, q_count: (b_, h, j))
   gq_row_map = lambda b_, h, j, gi, t, q_index, q_count: (b_, q_block(b_, j, t, q_index), 0)
   own_col_map = lambda b_, h, j, gi, t, q_index, q_count: (b_, 0, j)
-  gq_tile = pl.BlockSpec((None, None, block_q, d), gq_map)
   gstat_tile = pl.BlockSpec((None, None, SUBLANES, block_q),
                             lambda b_, h, j, gi, t, q_index, q_count: (b_, h * g + gi, 0, q_block(b_, j, t, q_index)))
-  own_kv_tile = pl.BlockSpec((None, None, block_kv, d), own_kv_map)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, causal=causal, num_kv_blocks=nk),
-      out_shape=[_like(q, k.shape, k.dtype), _like(q, v.shape, v.dtype)],
+      out_shape=[_like(q, acts[1].shape, k.dtype), _like(q, acts[2].shape, v.dtype)],
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, hkv, nk, g, nq),
           in_specs=[gq_tile, own_kv_tile, own_kv_tile, gq_tile, gstat_tile, gstat_tile,
@@ -278,31 +306,28 @@ def flash_bwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
       name="segment_flash_dkv",
-  )(tables["q_index"].reshape(-1), tables["q_count"].reshape(-1), q, k, v, do, *row_stats, *seg_pos)
-  return dq, dk, dv
+  )(tables["q_index"].reshape(-1), tables["q_count"].reshape(-1), *acts, *row_stats, *seg_pos)
+  return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale, block_q,
-           block_kv, interpret):
-  out, _ = flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
-                     scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, options):
+  out, _ = flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, **dict(options))
   return out
 
 
-def _flash_vjp_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale,
-                   block_q, block_kv, interpret):
-  out, lse = flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
-                       scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
+def _flash_vjp_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, options):
+  out, lse = flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, **dict(options))
   return out, (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, out, lse)
 
 
-def _flash_vjp_bwd(causal, scale, block_q, block_kv, interpret, residuals, do):
+def _flash_vjp_bwd(options, residuals, do):
   q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, out, lse = residuals
   delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  if dict(options)["seq_major"]:
+    delta = delta.swapaxes(1, 2)  # (B, S, H) -> (B, H, S)
   dq, dk, dv = flash_bwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, lse, do,
-                         delta, causal=causal, scale=scale, block_q=block_q, block_kv=block_kv,
-                         interpret=interpret)
+                         delta, **dict(options))
   return dq, dk, dv, None, None, None, None
 
 
@@ -310,7 +335,10 @@ _flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 
 
 def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
-                    scale: float, block_q: int = 512, block_kv: int = 512, interpret: bool = False):
-  """Differentiable segment-aware flash attention in kernel layout (B, H, S, D)."""
-  return _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale,
-                block_q, block_kv, interpret)
+                    scale: float, block_q: int = 512, block_kv: int = 512, interpret: bool = False,
+                    seq_major: bool = False):
+  """Differentiable segment-aware flash attention; heads-major (B, H, S, D) arrays, or the model
+  layout (B, S, H, D) with `seq_major` (D a multiple of 128 on TPU)."""
+  options = (("causal", causal), ("scale", scale), ("block_q", block_q), ("block_kv", block_kv),
+             ("interpret", interpret), ("seq_major", seq_major))
+  return _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, options)
