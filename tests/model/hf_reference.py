@@ -38,10 +38,11 @@ def hf_state_to_flat(state_dict, cfg: KeyeConfig) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The vision tower. transformers' SigLIP (SiglipVisionModel) has the released tensor names under
-# `vision_model.`; PaddleOCR-VL's vision tower (PaddleOCRVisionModel) is the same native-resolution
-# SigLIP with 2D RoPE, block-diagonal attention and a bilinearly resized position table, under the same
-# names (up to the `vision_model.` prefix). Neither has Keye 1.5's projector (PaddleOCR normalises before the 2x2 merge, like Keye 1.0).
+# The vision tower. transformers' SiglipVisionModel has the released tensor names (without the
+# `visual.vision_model.` prefix); PaddleOCR-VL's vision tower (PaddleOCRVisionModel) is the same
+# native-resolution SigLIP with 2D RoPE, block-diagonal attention and a bilinearly resized position
+# table, under the same names. Neither has Keye 1.5's projector (PaddleOCR normalises before the 2x2
+# merge, like Keye 1.0).
 
 
 def tiny_vision_config(**kw):
