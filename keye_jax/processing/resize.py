@@ -1,0 +1,118 @@
+"""Antialiased bilinear resize of uint8 images, equal to torch's `F.interpolate(uint8, mode="bilinear",
+antialias=True)` on CPU (align_corners=False), bit for bit, in numpy.
+
+torch (like Pillow, whose algorithm it ports) resizes width first, then height. Each pass is a convolution
+with a triangle filter stretched by the scale factor; the float64 weights of an output sample are
+normalised, turned into int16 at the largest precision that keeps the biggest weight under 2^14, and every
+output is `clip((sum(w_int * pixel) + 2^(p-1)) >> p, 0, 255)` stored as uint8 between the passes.
+
+Here each pass is a handful of small matrix products: outputs are grouped in blocks of `_BLOCK`, and each
+block multiplies only the input columns its filters touch. All products and sums are integers, exact in
+float32 while they stay under 2^24 and in float64 otherwise, so the BLAS result equals torch's integer one.
+The products are too small to gain from BLAS threads, and threads spinning on a busy machine cost 100x, so
+they run with one BLAS thread (parallelism belongs at the frame level).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+_BLOCK = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _blas() -> ThreadpoolController:
+  return ThreadpoolController()
+
+
+@functools.lru_cache(maxsize=64)
+def aa_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+  """torch's int16 antialias weights for one axis: (first (n_out,), count (n_out,), w (n_out, k), precision)."""
+  scale = n_in / n_out
+  support = scale if scale >= 1.0 else 1.0      # bilinear: interp_size 2 -> support 1, stretched when shrinking
+  kmax = int(math.ceil(support)) * 2 + 1
+  invscale = 1.0 / scale if scale >= 1.0 else 1.0
+  center = scale * (np.arange(n_out) + 0.5)
+  first = np.maximum((center - support + 0.5).astype(np.int64), 0)
+  count = np.clip(np.minimum((center + support + 0.5).astype(np.int64), n_in) - first, 0, kmax)
+  j = np.arange(kmax)
+  dist = np.abs(((j[None] + first[:, None]) - center[:, None] + 0.5) * invscale)
+  w = np.where((dist < 1.0) & (j[None] < count[:, None]), 1.0 - dist, 0.0)
+  total = np.zeros(n_out)
+  for k in range(kmax):                           # torch sums left to right
+    total = total + w[:, k]
+  w = w / np.where(total == 0.0, 1.0, total)[:, None]
+  wt_max = float(w.max())
+  precision = 0
+  while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+    precision += 1
+  w_int = (0.5 + w * (1 << precision)).astype(np.int64)
+  return first, count, w_int, precision
+
+
+@functools.lru_cache(maxsize=64)
+def _band_plan(n_in: int, n_out: int):
+  """Blocks (out_start, out_end, in_start, in_end, weights (out, in)) and the pass's precision and dtype."""
+  first, count, w_int, precision = aa_weights(n_in, n_out)
+  largest = 255 * int(w_int.sum(axis=1).max()) + (1 << (precision - 1))   # every partial sum is below this
+  dtype = np.float32 if largest <= (1 << 24) else np.float64
+  blocks = []
+  for s in range(0, n_out, _BLOCK):
+    e = min(s + _BLOCK, n_out)
+    lo = int(first[s:e].min())
+    hi = int((first[s:e] + count[s:e]).max())
+    m = np.zeros((e - s, hi - lo), dtype)
+    for o in range(s, e):
+      m[o - s, first[o] - lo:first[o] - lo + count[o]] = w_int[o, :count[o]]
+    blocks.append((s, e, lo, hi, m, np.ascontiguousarray(m.T)))
+  return blocks, precision, dtype
+
+
+def _round_shift(acc: np.ndarray, precision: int) -> np.ndarray:
+  """(acc + 2^(p-1)) >> p, clipped to [0, 255], in place on exact integer-valued floats."""
+  acc += 1 << (precision - 1)
+  acc *= 2.0 ** -precision
+  np.floor(acc, out=acc)
+  np.clip(acc, 0, 255, out=acc)
+  return acc
+
+
+def _resize_width(x: np.ndarray, n_out: int) -> np.ndarray:
+  """(N, W) -> (N, n_out) integer-valued floats."""
+  blocks, precision, dtype = _band_plan(x.shape[1], n_out)
+  x = x.astype(dtype, copy=False)
+  out = np.empty((x.shape[0], n_out), dtype)
+  for s, e, lo, hi, _, m_t in blocks:
+    out[:, s:e] = x[:, lo:hi] @ m_t
+  return _round_shift(out, precision)
+
+
+def _resize_height(x: np.ndarray, n_out: int) -> np.ndarray:
+  """(B, H, W) -> (B, n_out, W) integer-valued floats."""
+  blocks, precision, dtype = _band_plan(x.shape[1], n_out)
+  x = x.astype(dtype, copy=False)
+  out = np.empty((x.shape[0], n_out, x.shape[2]), dtype)
+  for s, e, lo, hi, m, _ in blocks:
+    out[:, s:e] = m @ x[:, lo:hi]
+  return _round_shift(out, precision)
+
+
+def resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+  """(..., H, W) uint8 planes -> (..., height, width) uint8, equal to torch's antialiased bilinear resize."""
+  planes = np.asarray(planes)
+  if planes.dtype != np.uint8:
+    raise TypeError(f"resize_planes expects uint8 planes, got {planes.dtype}")
+  *lead, h, w = planes.shape
+  if (h, w) == (height, width):
+    return planes.copy()
+  x = planes.reshape(-1, h, w)
+  with _blas().limit(limits=1, user_api="blas"):
+    if w != width:
+      x = _resize_width(x.reshape(-1, w), width).reshape(-1, h, width)
+    if h != height:
+      x = _resize_height(x, height)
+  return x.astype(np.uint8).reshape(*lead, height, width)

@@ -1,0 +1,99 @@
+"""Slow/fast frame classification (spec preprocessing.md "Slow/fast classification").
+
+Frame 0 is slow and is the key frame. A later frame is compared with the current key frame at a small size
+(<= 256 tokens): both in HSV, cut into 28x28 patches (2352-vectors), a patch is similar when its cosine is
+> 0.7 (patches black in both frames are left out); if the share of similar patches is below the threshold
+(0.9) the frame is slow and becomes the key frame, otherwise it is fast.
+
+The work is split so nothing loops over frames in Python except to walk key-frame changes:
+`frame_features` (resize + HSV + per-patch squared norms) runs on any batch of frames, e.g. while a video
+is still decoding, and `classify` compares the key frame with a whole run of following frames at once.
+Dot products and norms are exact integers; only the final cosine is a float (the reference works in
+float32, so a patch whose cosine is within ~1e-6 of 0.7 could in principle be judged differently).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from keye_jax.processing.hsv import rgb_to_hsv
+from keye_jax.processing.resize import resize_planes
+from keye_jax.processing.sizing import (CLASSIFY_MAX_PIXELS, IMAGE_FACTOR, MIN_FRAME_SIMILARITY,
+                                        VIDEO_MIN_PIXELS, smart_resize)
+
+PATCH = 28
+COSINE_THRESHOLD = 0.7
+_EPS = 1e-8
+
+
+def classification_size(height: int, width: int) -> tuple[int, int]:
+  """The size frames of a (height, width) video are compared at."""
+  return smart_resize(height, width, IMAGE_FACTOR, VIDEO_MIN_PIXELS, CLASSIFY_MAX_PIXELS)
+
+
+def _patch_sums(x: np.ndarray) -> np.ndarray:
+  """(m, 3, H, W) integers -> (m, H/28, W/28) int64 sums over each 28x28 patch and the 3 channels."""
+  m, c, h, w = x.shape
+  rows = x.reshape(m, c, h, w // PATCH, PATCH).sum(axis=-1, dtype=np.int64)    # (m, c, H, nw)
+  return rows.reshape(m, c, h // PATCH, PATCH, w // PATCH).sum(axis=(1, 3))
+
+
+def frame_features(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(m, 3, H, W) uint8 RGB -> HSV at the classification size (m, 3, h, w) uint8 and per-patch squared
+  norms (m, h/28, w/28) int64."""
+  h, w = classification_size(*frames.shape[-2:])
+  hsv = rgb_to_hsv(resize_planes(frames, h, w))
+  v = hsv.astype(np.int32)
+  return hsv, _patch_sums(v * v)
+
+
+def _similarities(key: np.ndarray, key_sq: np.ndarray, run: np.ndarray, run_sq: np.ndarray) -> np.ndarray:
+  """Share of similar patches between the key frame and each frame of a run: (m,) float32, NaN when every
+  patch is black in both frames (the reference's mean over nothing)."""
+  dot = _patch_sums(key.astype(np.int32)[None] * run.astype(np.int32))
+  cos = dot / ((np.sqrt(key_sq)[None] + _EPS) * (np.sqrt(run_sq) + _EPS))
+  valid = ~((key_sq[None] == 0) & (run_sq == 0))
+  similar = (cos > COSINE_THRESHOLD) & valid
+  count = similar.sum(axis=(1, 2)).astype(np.float32)
+  n_valid = valid.sum(axis=(1, 2)).astype(np.float32)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return count / n_valid                        # float32 division, as torch's mean
+
+
+def classify(hsv: np.ndarray, sq_norms: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY) -> np.ndarray:
+  """Frame types (T,) int32, 0 = slow, 1 = fast, from `frame_features` of all frames in order.
+
+  The key frame is compared with a run of following frames at once; the run grows while frames stay fast
+  and shrinks after a cut, so the work stays near one comparison per frame.
+  """
+  n = len(hsv)
+  types = np.ones(n, np.int32)
+  if n == 0:
+    return types
+  types[0] = 0
+  key, pos, run = 0, 1, 4
+  while pos < n:
+    end = min(pos + run, n)
+    sim = _similarities(hsv[key], sq_norms[key], hsv[pos:end], sq_norms[pos:end])
+    slow = np.flatnonzero(sim.astype(np.float64) < threshold)     # NaN compares False: fast
+    if len(slow):
+      key = pos + int(slow[0])
+      types[key] = 0
+      pos = key + 1
+      run = max(2, min(run, 2 * (int(slow[0]) + 1)))
+    else:
+      pos = end
+      run = min(2 * run, 64)
+  return types
+
+
+def extract_slow_fast_frames(frames: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY,
+                             batch: int = 16) -> np.ndarray:
+  """(T, 3, H, W) uint8 RGB frames -> frame types (T,) int32 (the reference function of the same name)."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"frames must be (T, 3, H, W) uint8, got {frames.shape} {frames.dtype}")
+  feats = [frame_features(frames[i:i + batch]) for i in range(0, len(frames), batch)]
+  if not feats:
+    return np.zeros(0, np.int32)
+  return classify(np.concatenate([f[0] for f in feats]), np.concatenate([f[1] for f in feats]), threshold)

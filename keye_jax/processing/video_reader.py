@@ -1,0 +1,170 @@
+"""Video files -> sampled RGB frames with PyAV, streaming: only the sampled frames are ever kept.
+
+1. `probe` demuxes the video stream without decoding: every frame's presentation timestamp, so the frame
+   count and each frame's time come from the container itself (variable frame rates included).
+2. The caller picks frame indices (in presentation order).
+3. `read_frames` decodes once from the nearest key frame before the first wanted frame, asks the decoder to
+   skip non-reference frames it will not return (they are needed by nobody), converts only wanted frames
+   to planar RGB, and hands them out in batches so per-frame work can run while decoding goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from fractions import Fraction
+from typing import Callable, Iterator
+
+import av
+import numpy as np
+
+from keye_jax.processing.errors import MediaError
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+  """What the container says about the video stream."""
+
+  pts: np.ndarray          # (n,) int64 presentation timestamps of every frame, sorted
+  time_base: Fraction      # seconds per pts unit
+  fps: float               # the stream's average frame rate
+  height: int
+  width: int
+
+  @property
+  def times(self) -> np.ndarray:
+    """(n,) float64 seconds of every frame from the first one."""
+    return np.array([float((int(p) - int(self.pts[0])) * self.time_base) for p in self.pts])
+
+
+def _open(source):
+  """An av container for a path, `file://` URL or bytes; MediaError when it is not a readable video."""
+  if isinstance(source, (bytes, bytearray)):
+    target = io.BytesIO(source)
+  elif isinstance(source, str):
+    target = source[7:] if source.startswith("file://") else source
+    if target.startswith(("http://", "https://")):
+      raise MediaError(source, "remote videos are not fetched; download the file first")
+    if not os.path.exists(target):
+      raise MediaError(source, "no such file")
+  else:
+    raise MediaError(source, "a video must be a path, a file:// URL, bytes or a list of frames")
+  try:
+    container = av.open(target)
+  except (av.FFmpegError, OSError, ValueError) as e:
+    raise MediaError(source, f"not a readable video ({e})") from None
+  if not container.streams.video:
+    container.close()
+    raise MediaError(source, "no video stream")
+  return container
+
+
+def probe(source) -> VideoInfo:
+  """Timestamps of every frame from the demuxer (no decoding)."""
+  container = _open(source)
+  try:
+    stream = container.streams.video[0]
+    pts = []
+    for packet in container.demux(stream):
+      if packet.size and packet.pts is not None:
+        pts.append(packet.pts)
+    ctx = stream.codec_context
+    height, width = ctx.height, ctx.width
+    rate = stream.average_rate or stream.guessed_rate
+    time_base = stream.time_base
+  except av.FFmpegError as e:
+    raise MediaError(source, f"corrupt video ({e})") from None
+  finally:
+    container.close()
+  if not pts:
+    raise MediaError(source, "zero decodable frames")
+  if not height or not width:
+    raise MediaError(source, "video stream without a frame size")
+  pts = np.unique(np.asarray(pts, np.int64))
+  if rate:
+    fps = float(rate)
+  else:                                   # no declared rate: frames over their time span
+    span = float((int(pts[-1]) - int(pts[0])) * time_base)
+    fps = (len(pts) - 1) / span if span > 0 else 1.0
+  return VideoInfo(pts=pts, time_base=Fraction(time_base), fps=fps, height=height, width=width)
+
+
+def _planes(frame: av.VideoFrame) -> np.ndarray:
+  """A decoded frame -> (3, H, W) uint8 RGB planes (swscale's planar GBR, same pixels as rgb24)."""
+  g = frame.reformat(format="gbrp")
+  out = np.empty((3, g.height, g.width), np.uint8)
+  for channel, plane in zip((1, 2, 0), g.planes):      # gbrp stores G, B, R
+    out[channel] = np.frombuffer(plane, np.uint8).reshape(g.height, plane.line_size)[:, :g.width]
+  return out
+
+
+def _threading() -> str:
+  # Frame threads pay off on many cores; on two shared cores one thread decodes faster.
+  return "AUTO" if (os.cpu_count() or 1) > 2 else "NONE"
+
+
+def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray, batch: int = 8,
+                on_batch: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+  """Decode the frames with presentation timestamps `wanted_pts` (sorted, may repeat) -> (m, 3, H, W) uint8.
+
+  `on_batch(start, frames)` is called on every `batch` consecutive finished frames as soon as they exist.
+  A wanted frame the decoder cannot produce is replaced by the nearest earlier decoded frame; none at all
+  is a MediaError.
+  """
+  wanted_pts = np.asarray(wanted_pts, np.int64)
+  unique = np.unique(wanted_pts)
+  slot = {int(p): i for i, p in enumerate(unique)}
+  frames = np.empty((len(wanted_pts), 3, info.height, info.width), np.uint8)
+  got = np.zeros(len(unique), bool)
+  out_of = np.searchsorted(unique, wanted_pts)         # wanted index -> unique index
+  done = 0                                             # wanted frames handed to on_batch so far
+
+  def emit(final: bool):
+    nonlocal done
+    ready = len(wanted_pts) if final else int(np.argmin(np.append(got[out_of], False)))
+    while on_batch and (ready - done >= batch or (final and ready > done)):
+      end = min(done + batch, ready)
+      on_batch(done, frames[done:end])
+      done = end
+
+  for frame_pts, planes in _decode(source, info, unique):
+    u = slot[frame_pts]
+    got[u] = True
+    for k in np.flatnonzero(out_of == u):
+      frames[k] = planes
+    emit(False)
+  if not got.any():
+    raise MediaError(source, "zero decodable frames")
+  for u in np.flatnonzero(~got):                       # undecodable: nearest earlier (else later) frame
+    src = np.flatnonzero(got[:u])
+    src = src[-1] if len(src) else np.flatnonzero(got)[0]
+    frames[out_of == u] = frames[np.flatnonzero(out_of == src)[0]]
+  emit(True)
+  return frames
+
+
+def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+  """(pts, planes) of the wanted frames in presentation order."""
+  container = _open(source)
+  try:
+    stream = container.streams.video[0]
+    stream.thread_type = _threading()
+    ctx = stream.codec_context
+    if unique[0] > info.pts[0]:
+      container.seek(int(unique[0]), stream=stream, backward=True, any_frame=False)
+    want = set(int(p) for p in unique)
+    for packet in container.demux(stream):
+      if packet.pts is not None:
+        # Non-reference frames nobody asked for are not decoded at all.
+        ctx.skip_frame = "DEFAULT" if packet.pts in want else "NONREF"
+      for frame in ctx.decode(packet):
+        if frame.pts in want:
+          yield int(frame.pts), _planes(frame)
+          want.discard(frame.pts)
+      if not want:
+        break
+  except av.FFmpegError as e:
+    raise MediaError(source, f"corrupt video ({e})") from None
+  finally:
+    container.close()
