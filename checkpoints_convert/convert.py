@@ -14,6 +14,7 @@ Every writer builds into `OUT.partial` and renames at the end, so a failure leav
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -78,8 +79,46 @@ def _atomic_dir(out_dir: str):
   os.rename(tmp, out_dir)
 
 
+_BLOCK_BYTES = 256 << 20
+_BLOCK = "::rows"
+
+
 def _save_group(ckptr, path: str, arrays: dict[str, np.ndarray]) -> None:
-  ckptr.save(path, {k.replace("/", "."): v for k, v in arrays.items()})
+  """Orbax serialisation briefly needs about twice an array's size, so arrays over 256 MiB are stored
+  as blocks of rows (`name::rows00000`, ...) and saved one block at a time."""
+  small = {k.replace("/", "."): v for k, v in arrays.items() if v.nbytes <= _BLOCK_BYTES}
+  if small:
+    ckptr.save(path, small)
+  for k, v in arrays.items():
+    if v.nbytes > _BLOCK_BYTES:
+      rows = max(1, _BLOCK_BYTES // (v.nbytes // v.shape[0]))
+      for i, start in enumerate(range(0, v.shape[0], rows)):
+        ckptr.save(os.path.join(path + ".blocks", f"{k.replace('/', '.')}{_BLOCK}{i:05d}"),
+                   {"x": v[start:start + rows]})
+
+
+def _release_memory() -> None:
+  """Hands freed buffers back to the OS: serialisation threads leave them in glibc's per-thread arenas,
+  which would otherwise add up across groups."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:  # not glibc
+    pass
+
+
+def _restore_group(ckptr, path: str) -> dict[str, np.ndarray]:
+  out = {}
+  if os.path.isdir(path):
+    out = {k.replace(".", "/"): np.asarray(v) for k, v in ckptr.restore(path).items()}
+  blocks_dir = path + ".blocks"
+  if os.path.isdir(blocks_dir):
+    parts: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(blocks_dir)):
+      parts.setdefault(name.split(_BLOCK)[0], []).append(name)
+    for key, names in parts.items():
+      out[key.replace(".", "/")] = np.concatenate(
+          [np.asarray(ckptr.restore(os.path.join(blocks_dir, n))["x"]) for n in names])
+  return out
 
 
 def _copy_side_files(src: str, dst: str) -> None:
@@ -116,6 +155,8 @@ def write_converted(out_dir: str, cfg, hf_config: dict, groups, unused=(), side_
       names.append(group)
       n_tensors += len(arrays)
       n_params += sum(int(a.size) for a in arrays.values())
+      del arrays  # hold one group at a time
+      _release_memory()
     unused = dict(unused)
     if unused:
       ckptr.save(os.path.join(tmp, "unused"), {k: v for k, v in unused.items()})
@@ -176,6 +217,7 @@ def stream_groups(cfg, plan, source, np_dtype=None, fresh=None):
         x = rules.to_ours(reader.get(stored), tr)
       arrays[ours] = x.astype(np_dtype) if np_dtype is not None else x
     yield group, arrays
+    del arrays, x  # let the group go before reading the next one
 
 
 # ---- reading converted checkpoints ------------------------------------------------------------------
@@ -203,8 +245,7 @@ def iter_groups(ckpt_dir: str):
   meta = read_meta(ckpt_dir)
   ckptr = ocp.PyTreeCheckpointer()
   for group in meta["groups"]:
-    tree = ckptr.restore(os.path.join(ckpt_dir, "params", group))
-    yield group, {k.replace(".", "/"): np.asarray(v) for k, v in tree.items()}
+    yield group, _restore_group(ckptr, os.path.join(ckpt_dir, "params", group))
 
 
 def read_unused(ckpt_dir: str) -> dict[str, np.ndarray]:

@@ -100,7 +100,8 @@ def to_hf(x: np.ndarray, transform: str, hf_shape: tuple[int, ...]) -> np.ndarra
 
 def expand(cfg) -> list[tuple[str, str, str, tuple[int, ...] | None]]:
   """Every (hf_name, our_path, transform, group) the config's model has; group names the set of
-  tensors saved together (one per layer, so conversion streams layer by layer)."""
+  tensors saved together: one group per layer and one per other module (the embedding alone, the
+  lm_head alone), so conversion holds one group in memory at a time."""
   out = []
   tables = [("decoder", TEXT_RULES, cfg.text.num_layers)]
   if cfg.vision is not None:
@@ -113,7 +114,7 @@ def expand(cfg) -> list[tuple[str, str, str, tuple[int, ...] | None]]:
         for i in range(n_layers):
           out.append((hf.format(i=i), ours.format(i=i), tr, f"{ours.split('/')[0]}_layer_{i:03d}"))
       else:
-        out.append((hf, ours, tr, ours.split("/")[0]))
+        out.append((hf, ours, tr, "_".join(ours.split("/")[:2])))
   return out
 
 
