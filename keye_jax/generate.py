@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from keye_jax.model import KeyeVL
+from keye_jax.processing.chat import encode_prompt
 from keye_jax.processing.vision_layout import vision_layout
 from keye_jax.sharding import constrain
 
@@ -39,6 +41,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 PATCH_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144)
 MAX_STOP_IDS = 8          # stop ids are a fixed-size array (padded with -1) so they never recompile
 THINK_END = "</think>"
+_CONTROL = re.compile(r"<\|[^|<>]*\|>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +124,11 @@ def sample_token(logits_bv, key, temperature, top_k, top_p, *, greedy: bool):
 
 
 def pack_prompts(prompts: Sequence[Prompt], *, seq_len: int, batch_size: int, num_patches: int | None,
-                 merge: int = 2) -> dict[str, np.ndarray]:
+                 merge: int = 2, pad_id: int = 0) -> dict[str, np.ndarray]:
   """Left-padded batch (model.py keys) plus `rope_delta` (B,) and `dummy` (B,) for filler rows.
-  Filler rows (batch rounded up) hold one token and start finished."""
-  ids = np.zeros((batch_size, seq_len), np.int32)
+  Filler rows (batch rounded up) hold one token and start finished. `pad_id` must be an in-vocabulary
+  id that is not a vision pad token (the scatter counts those over the whole row)."""
+  ids = np.full((batch_size, seq_len), pad_id, np.int32)
   seg = np.zeros((batch_size, seq_len), np.int32)
   pos = np.ones((3, batch_size, seq_len), np.int32)
   delta = np.zeros(batch_size, np.int32)
@@ -184,6 +188,8 @@ class Sampler:
     self.stream_chunk = stream_chunk
     self.stop_token_ids = tuple(default_stop_ids(self.cfg, tokenizer) if stop_token_ids is None
                                 else stop_token_ids)
+    vision_ids = {self.cfg.image_token_id, self.cfg.video_token_id}
+    self.pad_id = next(i for i in range(len(vision_ids) + 1) if i not in vision_ids)
     self.trace_counts: collections.Counter = collections.Counter()
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "new_len", "greedy"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy",), donate_argnums=(1,))
@@ -256,7 +262,8 @@ class Sampler:
     patches = (bucket(max(len(p.pixel_values) for p in prompts if p.pixel_values is not None),
                       self.patch_buckets) if has_vision else None)
     merge = self.cfg.vision.spatial_merge_size if self.cfg.vision is not None else 2
-    batch = pack_prompts(prompts, seq_len=seq_len, batch_size=b, num_patches=patches, merge=merge)
+    batch = pack_prompts(prompts, seq_len=seq_len, batch_size=b, num_patches=patches, merge=merge,
+                         pad_id=self.pad_id)
     batch = self._put(batch)
 
     stop_ids = self.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
@@ -316,9 +323,10 @@ class Sampler:
                       finish_reason="stop" if stopped else "length")
 
   def decode(self, ids) -> str:
+    """Text without the <|...|> control tokens; <think> and </think> stay (they may be special tokens)."""
     if self.tokenizer is None:
       return ""
-    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    return _CONTROL.sub("", self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False))
 
 
 class _TextWatcher:
@@ -400,3 +408,33 @@ def token_id(tokenizer, name: str) -> int | None:
       unk = getattr(tokenizer, "unk_token_id", None)
       return None if tid is None or (unk is not None and tid == unk) else int(tid)
   return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points for the CLI and the evaluation harness.
+
+
+def encode_messages(messages: list[dict], tokenizer, processor=None, thinking: bool | None = None,
+                    **vision_kwargs) -> Prompt:
+  """Chat messages (Keye format, media paths absolute) -> a generation Prompt (processing.chat)."""
+  ex = encode_prompt(messages, tokenizer, processor=processor, thinking=thinking, **vision_kwargs)
+  vision = len(ex["grids_hw"]) > 0
+  return Prompt(ex["input_ids"], ex["position_ids"], ex["pixel_values"] if vision else None,
+                ex["grids_hw"] if vision else None)
+
+
+def generate_cli(model: KeyeVL, tokenizer, prompt: str, images: Sequence[str] = (), videos: Sequence[str] = (),
+                 max_new_tokens: int = 512, temperature: float = 0.0, stream: Callable[[str], None] | None = None,
+                 *, top_k: int = 0, top_p: float = 1.0, seed: int = 0, processor=None, mesh=None,
+                 sampler: Sampler | None = None) -> dict:
+  """`keye generate`: one user turn (images, then videos, then the text), answer streamed to `stream`.
+  Returns {"text", "tokens", "thinking", "answer", "finish_reason"}."""
+  content = ([{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
+             + [{"type": "text", "text": prompt}])
+  p = encode_messages([{"role": "user", "content": content}], tokenizer, processor)
+  sampler = sampler or Sampler(model, tokenizer, mesh=mesh)
+  params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed)
+  g = sampler.generate([p], params, stream=(lambda _, s: stream(s)) if stream is not None else None)[0]
+  return {"text": g.text, "tokens": len(g.tokens), "thinking": g.thinking, "answer": g.answer,
+          "finish_reason": g.finish_reason}
