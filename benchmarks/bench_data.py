@@ -5,7 +5,7 @@ ArrayRecord copy, decodes in --workers processes and packs rows of --seq-len tex
 --num-patches vision patches. Prints examples/s and the share of real (non-padding) text tokens and
 vision patches in the emitted rows, after --warmup batches; nothing is asserted. Target: text >= 98%.
 
-  .venv/bin/python benchmarks/bench_data.py [--seq-len 8192] [--num-patches 16384] [--batch 4]
+  .venv/bin/python benchmarks/bench_data.py [--seq-len 8192] [--num-patches 24576] [--batch 4]
       [--workers 2] [--batches 30] [--encoder real|fake]
 
 `--encoder fake` swaps keye_jax.processing for the tests' stand-in (pipeline cost alone).
@@ -32,7 +32,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--data", help="an existing demo dataset directory (default: write one to a temp dir)")
   ap.add_argument("--seq-len", type=int, default=8192)
-  ap.add_argument("--num-patches", type=int, default=16384)
+  ap.add_argument("--num-patches", type=int, default=24576)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--workers", type=int, default=2)
   ap.add_argument("--bins", type=int, default=16)
@@ -53,8 +53,8 @@ def main():
     from tests.data.fakes import FakeTokenizer, fake_encode
     tokenizer, encode = FakeTokenizer(), fake_encode
   else:
-    from keye_jax.processing.tokenizer import build_demo_tokenizer, load_tokenizer
-    tokenizer, encode = load_tokenizer(build_demo_tokenizer(os.path.join(tmp.name, "tok"))), None
+    from keye_jax.processing.tokenizer import build_demo_tokenizer
+    tokenizer, encode = build_demo_tokenizer(os.path.join(tmp.name, "tok")), None
 
   cfg = DataConfig(
       sources=(SourceConfig(path=os.path.join(root, "train.jsonl"), name="manifest", weight=1.0),

@@ -23,10 +23,9 @@ def default_tokenizer():
   """The demo tokenizer (text only matters for token counts; media decoding is what is checked)."""
   import tempfile
 
-  from keye_jax.processing.tokenizer import build_demo_tokenizer, load_tokenizer
+  from keye_jax.processing.tokenizer import build_demo_tokenizer
   with tempfile.TemporaryDirectory(prefix="keye-tok-") as tmp:
-    path = build_demo_tokenizer(tmp)
-    return load_tokenizer(path)
+    return build_demo_tokenizer(tmp)
 
 
 def check_source(source: SourceConfig | str, tokenizer=None, *, encode=None, vision: dict | None = None,

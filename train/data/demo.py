@@ -3,7 +3,7 @@
 `write_demo_dataset(out_dir, seed)` writes, in a few seconds on a CPU:
 
   out_dir/train.jsonl, test.jsonl          manifests; media paths relative to out_dir
-  out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos
+  out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos (5-32 frames)
   out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
   out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
   out_dir/info.json                        counts per split and category
@@ -13,10 +13,17 @@ Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x
   color/shape/count/position   multiple-choice questions on an image
   video_event      a shape appears, moves or changes colour at a known time; what happened?
   video_time       ... when did it happen? (read from the frame timestamps)
-  long_video       30-48 frames (15-24 s), one event; when? (the long-context stage)
+  long_video       20-32 frames (10-16 s), one event; when? (the long-context stage)
   reasoning        count by colour with a <think> trace, the user turn ending in /think
   text             text-only multiple choice (which word is a colour / a shape)
 Videos are static between events, so the unchanged frames become fast frames.
+
+Sizes with keye_jax.processing and the demo tokenizer: an image example is ~57 tokens and 36 patches; a
+video frame is always at least 196x196 px (the reference's per-frame minimum, 49 tokens, 196 patches), so a
+short video example (5-8 frames) is ~330-520 tokens and ~1000-1600 patches, a long one (20-32 frames)
+~1300-1850 tokens and ~4300-6300 patches. Short contexts (512-1024 tokens) hold every category except
+long_video. The train mix averages ~2.5 patches per text token: rows with num_patches ~3x seq_len keep the
+text budget the binding one.
 
 Every question is multiple choice with four options A-D (chance 25%) answered by one letter, in train and
 test alike; test records keep `answer` (the letter), `options` and `category` for exact-match scoring.
@@ -44,8 +51,8 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom 
 NUMBERS = ("zero", "one", "two", "three", "four")
 LETTERS = "ABCD"
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
-# Video elements keep the small native frame size (the default minimum would upscale to 196x196).
-VIDEO_KEYS = {"fps": float(FPS), "min_pixels": 4 * 28 * 28, "max_pixels": SIZE * SIZE}
+# Sampling rate of the files (every frame is read); the reference sizing upscales frames to >= 196x196.
+VIDEO_KEYS = {"fps": float(FPS)}
 # Examples per split and category.
 TRAIN_COUNTS = {"caption": 300, "color": 200, "shape": 200, "count": 200, "position": 200,
                 "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 160, "text": 60}
@@ -171,7 +178,7 @@ class _Builder:
   def video_record(self, category: str):
     """(frames, question, answer text, options, letter) for video_event, video_time or long_video."""
     rng = self.rng
-    n = rng.randint(30, 48) if category == "long_video" else rng.randint(6, 10)
+    n = rng.randint(20, 32) if category == "long_video" else rng.randint(5, 8)
     k = rng.randint(1, n - 2)  # the event's frame
     t_event = k / FPS
     base = _scene(rng, rng.randint(1, 2))
