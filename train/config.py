@@ -1,0 +1,99 @@
+"""The training run's configuration: one stage = model + data + optimizer + mesh + run settings.
+
+A stage YAML composes the model and data files by path and may carry `overrides:` (`key.sub=value`
+strings applied after loading, e.g. stage 4's `model.text.rope_theta=8e6`); command-line overrides are
+applied after those. A schedule YAML (`configs/*/all.yaml`) lists stage files instead (see stages.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from keye_jax.config import ConfigError, KeyeConfig, _read_yaml, apply_overrides, from_dict
+from train.data.config import DataConfig
+
+MODULES = ("vision", "projector", "language")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with a warmup + decay schedule, global-norm clipping and per-module learning rates."""
+
+  learning_rate: float = 1e-4  # peak learning rate of every trainable module without its own entry
+  module_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # vision/projector/language
+  trainable: tuple[str, ...] = MODULES  # modules that train; the others are frozen (no optimizer state)
+  schedule: str = "cosine"  # cosine | linear | constant (each after `warmup_steps` of linear warmup)
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.1  # final learning rate / peak for cosine and linear
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0  # global gradient norm over all trainable parameters; 0 disables
+
+  def __post_init__(self):
+    for name in (*self.trainable, *self.module_learning_rates):
+      if name not in MODULES:
+        raise ConfigError(f"optimizer: unknown module {name!r} (modules: {', '.join(MODULES)})")
+    if self.schedule not in ("cosine", "linear", "constant"):
+      raise ConfigError(f"optimizer.schedule={self.schedule!r} is not one of cosine, linear, constant")
+
+  def lr(self, module: str) -> float:
+    return self.module_learning_rates.get(module, self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 100  # steps between (asynchronous) saves; the final step is always saved
+  keep: int = 3  # most recent checkpoints kept
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Multi-process (multi-host) setup. Empty fields fall back to JAX's own detection (TPU pods, SLURM)
+  or the environment variables KEYE_COORDINATOR, KEYE_NUM_PROCESSES, KEYE_PROCESS_ID."""
+
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+  cpu_collectives: str = "gloo"  # for multi-process CPU runs (tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  model: KeyeConfig = KeyeConfig()
+  data: DataConfig = DataConfig()  # no sources: synthetic packed batches of the configured shapes
+  tokenizer: str = ""  # tokenizer directory (or tokenizer.json) for the data pipeline
+  optimizer: OptimizerConfig = OptimizerConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  distributed: DistributedConfig = DistributedConfig()
+  mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1, "context": 1})
+  steps: int = 100
+  grad_accum: int = 1  # microbatches per step (data.batch_size rows split evenly)
+  z_loss: float = 0.0
+  loss_chunk: int = 512  # sequence positions whose logits exist at once (vocabulary-chunked loss)
+  max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before the run stops
+  seed: int = 0
+  init_from: str = ""  # a previous stage's run dir, or a converted checkpoint dir
+  run_dir: str = "runs/default"
+  log_every: int = 1
+  peak_tflops: float = 0.0  # per device, for MFU; 0 = known TPU table, or measured once on CPU
+
+  def __post_init__(self):
+    if self.grad_accum < 1 or self.data.batch_size % self.grad_accum:
+      raise ConfigError(f"grad_accum={self.grad_accum} must divide data.batch_size={self.data.batch_size}")
+    if self.loss_chunk < 1:
+      raise ConfigError("loss_chunk must be positive")
+
+
+
+def load_train_config(path: str, overrides=()) -> TrainConfig:
+  """TrainConfig from a stage YAML: the file's own `overrides:`, then `overrides`."""
+  data = _read_yaml(path)
+  own = tuple(data.pop("overrides", ()) or ())
+  try:
+    cfg = from_dict(TrainConfig, data, base_dir=os.path.dirname(os.path.abspath(path)))
+    return apply_overrides(cfg, [*own, *overrides])
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from e

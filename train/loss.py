@@ -1,0 +1,70 @@
+"""Next-token cross-entropy from hidden states and the lm_head kernel, a chunk of positions at a time.
+
+Full-vocabulary fp32 logits for a whole batch never exist: positions are split into `n` strided chunks
+(chunk j holds positions j, j+n, j+2n, ...; strided so that a sequence sharded over the `context` axis
+stays sharded inside every chunk), and each chunk's logits are recomputed in the backward pass
+(`jax.checkpoint`), so at most one chunk of logits is live.
+
+Targets: position t predicts input_ids[t+1] when loss_mask[t+1] and t, t+1 are in the same segment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from keye_jax.sharding import constrain
+
+
+def next_token_targets(batch):
+  """(targets (B, S) int32, weights (B, S) float32): what position t predicts and whether it counts."""
+  ids, seg, mask = batch["input_ids"], batch["segment_ids"], batch["loss_mask"]
+  targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+  same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & mask[:, 1:].astype(bool)
+  weights = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1).astype(jnp.float32)
+  return targets.astype(jnp.int32), weights
+
+
+def _num_chunks(seq_len: int, chunk: int) -> int:
+  """Largest number of chunks n <= seq_len / chunk that divides seq_len (each chunk ~`chunk` positions)."""
+  n = max(1, seq_len // max(chunk, 1))
+  while seq_len % n:
+    n -= 1
+  return n
+
+
+def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: float = 0.0):
+  """Per-position (cross-entropy + z_loss * logsumexp^2) (B, S) float32, logits one chunk at a time."""
+  b, s, d = h_bsd.shape
+  n = _num_chunks(s, chunk)
+  # (B, S, D) -> (n, B, S/n, D): chunk j = positions j, j+n, ...
+  hs = h_bsd.reshape(b, s // n, n, d).transpose(2, 0, 1, 3)
+  ts = targets_bs.reshape(b, s // n, n).transpose(2, 0, 1)
+
+  @jax.checkpoint
+  def one(h, t):
+    logits = jnp.dot(h, kernel_dv.astype(h.dtype), preferred_element_type=jnp.float32)  # (B, S/n, V)
+    logits = constrain(logits, ("batch", "length", "act_vocab"))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    return lse - target_logit + z_loss * jnp.square(lse)
+
+  out = jax.lax.map(lambda xs: one(*xs), (hs, ts))  # (n, B, S/n)
+  return out.transpose(1, 2, 0).reshape(b, s)
+
+
+def loss_sums(model, batch, *, chunk: int, z_loss: float, num_sources: int):
+  """(sum of weighted token losses, per-source sums (num_sources,), per-source token counts)."""
+  h = model.hidden_states(batch)
+  targets, weights = next_token_targets(batch)
+  losses = chunked_token_losses(h, model.decoder.lm_head_kernel(), targets, chunk=chunk, z_loss=z_loss)
+  weighted = losses * weights
+  src = batch.get("source_ids")
+  if src is None:
+    src = jnp.zeros_like(targets)
+  # A target belongs to the source of the token it predicts.
+  src = jnp.concatenate([src[:, 1:], jnp.full_like(src[:, :1], -1)], axis=1)
+  onehot = (src[..., None] == jnp.arange(num_sources)).astype(jnp.float32)  # (B, S, K)
+  per_source = jnp.einsum("bs,bsk->k", weighted, onehot)
+  per_source_count = jnp.einsum("bs,bsk->k", weights, onehot)
+  return weighted.sum(), per_source, per_source_count

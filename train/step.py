@@ -1,0 +1,146 @@
+"""One training step: loss and gradients (optionally over microbatches), clipping, AdamW, and skipping
+updates whose loss or gradient is not finite. Jitted once over the mesh with donated state.
+
+Train state (a pytree, also what checkpoints hold):
+  step       int32   steps taken (skipped ones included: their data was consumed)
+  params     {key: array}  every parameter, fp32 master copies
+  opt        optax state over the trainable parameters only
+  rng        PRNG key
+  nonfinite  int32   consecutive skipped steps;  skipped  int32  skipped steps in total
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train.config import TrainConfig
+from train.loss import loss_sums, next_token_targets
+from train.model_state import ModelShape, batch_shardings, init_params, like_shardings
+from train.optimizer import make_optimizer, trainable_keys
+
+
+@dataclasses.dataclass
+class StepFns:
+  """The jitted step and what it was built from."""
+
+  step: Callable  # (state, batch) -> (state, metrics)
+  shape: ModelShape
+  tx: optax.GradientTransformation
+  schedules: dict
+  train_keys: list
+  state_shardings: dict
+  mesh: object
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+  """(B, ...) -> (n, B/n, ...) with microbatch i = rows i, i+n, ...: each microbatch stays spread over
+  the devices the batch is split across. position_ids (3, B, S) -> (n, 3, B/n, S)."""
+  out = {}
+  for k, v in batch.items():
+    if k == "position_ids":
+      three, b, s = v.shape
+      out[k] = v.reshape(three, b // n, n, s).transpose(2, 0, 1, 3)
+    else:
+      out[k] = v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1)
+  return out
+
+
+def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch_keys) -> StepFns:
+  params_abstract = shape.shapes()
+  train_keys = trainable_keys(params_abstract, cfg.optimizer)
+  if not train_keys:
+    raise ValueError(f"optimizer.trainable={cfg.optimizer.trainable} selects no parameters of this model")
+  tx, schedules = make_optimizer(cfg.optimizer, train_keys, cfg.steps)
+  accum, chunk, z = cfg.grad_accum, cfg.loss_chunk, cfg.z_loss
+
+  def loss_fn(trainable, frozen, batch, denom):
+    model = shape.build({**trainable, **frozen})
+    total, per_src, per_src_n = loss_sums(model, batch, chunk=chunk, z_loss=z, num_sources=num_sources)
+    return total / denom, (per_src, per_src_n)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, batch):
+    params = state["params"]
+    trainable = {k: params[k] for k in train_keys}
+    frozen = {k: v for k, v in params.items() if k not in trainable}
+    # Normalise by the loss tokens of the whole global batch, so microbatching changes nothing.
+    denom = jnp.maximum(next_token_targets(batch)[1].sum(), 1.0)
+    if accum == 1:
+      (loss, (per_src, per_n)), grads = grad_fn(trainable, frozen, batch, denom)
+    else:
+      def body(carry, micro):
+        (loss, (ps, pn)), g = grad_fn(trainable, frozen, micro, denom)
+        acc_loss, acc_ps, acc_pn, acc_g = carry
+        return (acc_loss + loss, acc_ps + ps, acc_pn + pn, jax.tree.map(jnp.add, acc_g, g)), None
+
+      zeros = (jnp.zeros(()), jnp.zeros(num_sources), jnp.zeros(num_sources),
+               jax.tree.map(jnp.zeros_like, trainable))
+      (loss, per_src, per_n, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, accum))
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = dict(
+        step=state["step"] + 1,
+        params={**params, **keep(new_trainable, trainable)},
+        opt=keep(new_opt, state["opt"]),
+        rng=jax.random.fold_in(state["rng"], state["step"]),
+        nonfinite=jnp.where(ok, 0, state["nonfinite"] + 1),
+        skipped=state["skipped"] + (~ok).astype(jnp.int32),
+    )
+    metrics = dict(loss=loss, grad_norm=grad_norm, loss_tokens=denom, tokens=(batch["segment_ids"] > 0).sum(), source_loss_sum=per_src,
+                   source_tokens=per_n, skipped_step=~ok,
+                   **{f"lr/{m}": s(state["step"]) for m, s in schedules.items()})
+    return new_state, metrics
+
+  shardings = shape.shardings(mesh)
+  opt_abstract = jax.eval_shape(tx.init, {k: params_abstract[k] for k in train_keys})
+  replicated = NamedSharding(mesh, P())
+  state_shardings = dict(step=replicated, params=shardings, opt=like_shardings(opt_abstract, shardings, mesh),
+                         rng=replicated, nonfinite=replicated, skipped=replicated)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch_keys, mesh)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  def run(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  run.lower = lambda state, batch: _lower(jitted, mesh, state, batch)
+  return StepFns(run, shape, tx, schedules, train_keys, state_shardings, mesh)
+
+
+def _lower(jitted, mesh, state, batch):
+  with jax.set_mesh(mesh):
+    return jitted.lower(state, batch)
+
+
+def init_state(fns: StepFns, seed: int, params: dict | None = None) -> dict:
+  """A fresh train state (new parameters unless `params` is given), laid out by `fns.state_shardings`."""
+  sh = fns.state_shardings
+  if params is None:
+    params = init_params(fns.shape, seed, sh["params"])
+  opt = jax.jit(fns.tx.init, out_shardings=sh["opt"])({k: params[k] for k in fns.train_keys})
+  put = lambda x: jax.device_put(x, sh["step"])
+  return dict(step=put(jnp.zeros((), jnp.int32)), params=params, opt=opt,
+              rng=put(jax.random.key_data(jax.random.key(seed))), nonfinite=put(jnp.zeros((), jnp.int32)),
+              skipped=put(jnp.zeros((), jnp.int32)))
+
+
+def abstract_state(fns: StepFns) -> dict:
+  """ShapeDtypeStructs with shardings of the train state (for restoring and for AOT compiles)."""
+  shapes = fns.shape.shapes()
+  opt = jax.eval_shape(fns.tx.init, {k: shapes[k] for k in fns.train_keys})
+  tree = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes, opt=opt,
+              rng=jax.ShapeDtypeStruct((2,), jnp.uint32), nonfinite=jax.ShapeDtypeStruct((), jnp.int32),
+              skipped=jax.ShapeDtypeStruct((), jnp.int32))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      fns.state_shardings)
+
