@@ -159,7 +159,8 @@ def write_converted(out_dir: str, cfg, hf_config: dict, groups, unused=(), side_
       _release_memory()
     unused = dict(unused)
     if unused:
-      ckptr.save(os.path.join(tmp, "unused"), {k: v for k, v in unused.items()})
+      ckptr.save(os.path.join(tmp, "unused"), dict(unused))
+      n_tensors += len(unused)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config_lib.to_hf_config(cfg, hf_config), f, indent=2)
     with open(os.path.join(tmp, META), "w") as f:

@@ -1,6 +1,7 @@
 """The stage-1 starting point: a SigLIP vision checkpoint + a Qwen3 checkpoint + a fresh projector.
 
-SigLIP comes in transformers' naming (`vision_model.*`, from SiglipVisionModel or a full SiglipModel);
+SigLIP comes in transformers' naming (`vision_model.*` from a SiglipModel, or the same names without the
+prefix as SiglipVisionModel saves them);
 its text tower, logit scale and attention-pooling head are not part of Keye and are dropped.
 """
 
@@ -32,10 +33,11 @@ def init(out_dir: str, *, vision_dir: str, text_dir: str, seed: int = 0, dtype: 
 
   def source(hf: str):
     if hf.startswith("visual."):
-      name = hf[len("visual."):]          # visual.vision_model.X -> vision_model.X
-      if name not in vision_reader.files:
-        raise CheckpointError(f"{vision_dir}: missing tensor {name}")
-      return vision_reader, name
+      name = hf[len("visual."):]          # visual.vision_model.X -> vision_model.X (SiglipModel) or X
+      for candidate in (name, name[len("vision_model."):]):
+        if candidate in vision_reader.files:
+          return vision_reader, candidate
+      raise CheckpointError(f"{vision_dir}: missing tensor {name}")
     if hf not in text_reader.files:
       raise CheckpointError(f"{text_dir}: missing tensor {hf}")
     return text_reader, hf
