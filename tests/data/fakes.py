@@ -114,7 +114,7 @@ def write_manifest(out_dir, n, seed=0, sizes=(28, 56, 84), text_only_every=4, ta
   with open(path, "w") as f:
     for i in range(n):
       content = []
-      if i % text_only_every:
+      if not text_only_every or i % text_only_every:
         h, w = rng.choice(sizes), rng.choice(sizes)
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
             os.path.join(out_dir, "img", f"{tag}{i}.png"))

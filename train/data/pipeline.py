@@ -82,6 +82,10 @@ class PackedBatchIterator(grain.DatasetIterator):
       except StopIteration:
         self._check_bad_fractions(final=True)
         self._ready.extend(self._packer.flush())
+        if not self._stats["examples"] and not self._ready:
+          seen = {s["name"]: (s["seen"], s["ok"], s["dropped"]) for s in self._stats["sources"]}
+          raise DataError(f"the data produced no example: (seen, decoded, dropped as too long) per source: "
+                          f"{seen}") from None
         break
       self._consume(item)
     if not self._ready:
@@ -117,6 +121,10 @@ class PackedBatchIterator(grain.DatasetIterator):
     ex = self._fit(item)
     if ex is None:
       st["dropped"] += 1
+      if st["dropped"] == st["ok"] >= self._cfg.bad_check_min_samples:
+        raise DataError(f"source {st['name']}: none of the first {st['ok']} examples fits a row of "
+                        f"data.seq_len={self._cfg.seq_len} tokens and data.num_patches={self._cfg.num_patches} "
+                        f"patches (data.overlong={self._cfg.overlong}); raise them or cap the media size")
       return
     st["truncated"] += int(bool(ex.get("_truncated")))
     key = item["_index"]

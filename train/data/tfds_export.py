@@ -6,7 +6,9 @@ The dataset has one feature, `record` (bytes); read it back with `tfds.data_sour
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import types
 
 import numpy as np
@@ -40,7 +42,8 @@ def write_tfds(records: dict[str, list[bytes]], data_dir: str, name: str = "keye
   builder_cls = types.new_class(_snake_to_camel(name), (_Records,), {"skip_registration": True},
                                 lambda ns: ns.update(body))
   builder = builder_cls(data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for results
+    builder.download_and_prepare()
   return os.path.join(data_dir, name, str(_Records.VERSION))
 
 
