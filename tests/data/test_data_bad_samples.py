@@ -82,9 +82,10 @@ def test_unreadable_source_names_the_path(tmp_path):
 
 def test_nothing_fits_is_a_clear_failure(tmp_path):
   path = write_manifest(str(tmp_path), 12, sizes=(84,), text_only_every=0)
-  for epochs, match in ((1, "produced no example"), (None, "none of the first 10 examples fits a row")):
+  for epochs, min_samples, match in ((1, 100, "produced no example"),
+                                     (None, 10, "none of the first 10 examples fits a row")):
     cfg = DataConfig(sources=(SourceConfig(path=path),), seq_len=256, num_patches=16, batch_size=2,
-                     num_epochs=epochs, bad_check_min_samples=10, overlong="drop")
+                     num_epochs=epochs, bad_check_min_samples=min_samples, overlong="drop")
     it = make_iterator(cfg, FakeTokenizer(), encode=fake_encode, process_index=0, process_count=1)
     with pytest.raises(DataError, match=match):
       next(it)
