@@ -56,7 +56,14 @@ def test_epoch_has_every_example_exactly_once(data, kind):
   assert got == want
   st = it.stats()
   assert st["sources"][0]["ok"] == 40 and st["examples"] == 40 and not st["sources"][0]["bad"]
+  by_ids = {tuple(e["input_ids"].tolist()): e for e in data["expected"]}
   for b in batches:
+    for r in range(2):  # loss exactly on each example's targets (never prompts); own positions
+      seg = b["segment_ids"][r]
+      for k in range(1, seg.max() + 1):
+        e = by_ids[tuple(b["input_ids"][r][seg == k].tolist())]
+        np.testing.assert_array_equal(b["loss_mask"][r][seg == k][1:], e["loss_mask"][1:])
+        np.testing.assert_array_equal(b["position_ids"][:, r][:, seg == k], e["position_ids"])
     assert b["input_ids"].shape == (2, 256) and b["position_ids"].shape == (3, 2, 256)
     assert b["pixel_values"].shape == (2, 128, 588) and b["merge_index"].shape == (2, 32, 4)
     assert not b["loss_mask"][b["segment_ids"] == 0].any()
