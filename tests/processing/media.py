@@ -1,0 +1,84 @@
+"""Test helpers: the reference package, and small videos made with PyAV."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import av
+import numpy as np
+
+
+def load_reference():
+  """keye_vl_utils.vision_process, the reference.
+
+  It imports torchvision at import time but never uses it on the paths tested here, and torchvision cannot
+  be installed beside torch 2.13.0, so an empty stand-in module is put in sys.modules for the import only
+  (and removed again, so other tests that probe for torchvision are not misled).
+  """
+  if "keye_vl_utils.vision_process" in sys.modules:
+    return sys.modules["keye_vl_utils.vision_process"]
+  stub = types.ModuleType("torchvision")
+  stub.io = types.ModuleType("torchvision.io")
+  stub.transforms = types.ModuleType("torchvision.transforms")
+  stub.transforms.InterpolationMode = None
+  names = {"torchvision": stub, "torchvision.io": stub.io, "torchvision.transforms": stub.transforms}
+  added = [n for n in names if n not in sys.modules]
+  sys.modules.update({n: names[n] for n in added})
+  try:
+    return importlib.import_module("keye_vl_utils.vision_process")
+  finally:
+    for n in added:
+      sys.modules.pop(n, None)
+
+
+def texture(rng, h, w, block=8):
+  """A blocky random RGB image (H, W, 3) uint8."""
+  small = rng.integers(0, 256, (-(-h // block), -(-w // block), 3), dtype=np.uint8)
+  return small.repeat(block, 0).repeat(block, 1)[:h, :w]
+
+
+def scene_frames(kind: str, n: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
+  """Frames (H, W, 3) uint8 of a named kind of shot."""
+  rng = np.random.default_rng(seed)
+  a, b = texture(rng, h, w), texture(rng, h, w, block=5)
+  wide = texture(rng, h, w * 3)
+  frames = []
+  for i in range(n):
+    if kind == "static":
+      f = a
+    elif kind == "cuts":                       # a hard cut every 7 frames
+      f = a if (i // 7) % 2 == 0 else b
+    elif kind == "pan":                        # slow horizontal pan
+      f = wide[:, i * 3:i * 3 + w]
+    elif kind == "fade":                       # fade to black and back
+      f = (a.astype(np.float32) * abs(1 - 2 * i / max(n - 1, 1))).astype(np.uint8)
+    elif kind == "black":                      # black frames in the middle
+      f = np.zeros_like(a) if n // 3 <= i < 2 * n // 3 else a
+    elif kind == "noise":                      # every frame different
+      f = texture(rng, h, w, block=4)
+    elif kind == "mixed":                      # drift with a cut and a flash
+      f = np.roll(a, i, axis=1) if i < n // 2 else np.roll(b, -i, axis=0)
+      if i == 3 * n // 4:
+        f = np.full_like(a, 255)
+    else:
+      raise ValueError(kind)
+    frames.append(np.ascontiguousarray(f))
+  return frames
+
+
+def write_video(path: str, frames, fps: int = 10, codec: str = "libx264") -> str:
+  """Encode (H, W, 3) uint8 frames; odd sizes are encoded as yuv444p (x264 needs even sizes for 4:2:0)."""
+  h, w = frames[0].shape[:2]
+  with av.open(path, "w") as c:
+    s = c.add_stream(codec, rate=fps)
+    s.width, s.height = w, h
+    s.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+    s.options = {"preset": "ultrafast", "crf": "18"}
+    for f in frames:
+      for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+  return path
