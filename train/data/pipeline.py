@@ -66,7 +66,6 @@ class PackedBatchIterator(grain.DatasetIterator):
                ids: TokenIds, local_batch: int, source_names: list[str]):
     super().__init__(parent)
     self._dataset, self._cfg, self._ids, self._local_batch = dataset, cfg, ids, local_batch
-    self._names = source_names
     self._packer = BinPacker(cfg.seq_len, cfg.num_patches, cfg.packing_bins, cfg.packing == "best_fit")
     self._ready: list[list] = []  # complete rows (lists of example keys), oldest first
     self._cache: dict[int, dict] = {}  # key -> fitted example, for every key in open or ready rows
@@ -166,6 +165,10 @@ class PackedBatchIterator(grain.DatasetIterator):
         raise DataError(f"restoring the data iterator: example {key} ({item.get('_where')}) no longer decodes "
                         "to what was packed; did the data or config change since the checkpoint?")
       self._cache[key] = ex
+    for t, p, keys in self._packer.bins:
+      if (t, p) != tuple(map(sum, zip((0, 0), *(example_size(self._cache[k]) for k in keys)))):
+        raise DataError("restoring the data iterator: the re-read examples no longer have the packed sizes; "
+                        "did the data or config (seq_len, num_patches, vision) change since the checkpoint?")
 
   def stats(self) -> dict:
     """Counts so far, plus packing efficiency (share of real text tokens / patches in emitted rows)."""
