@@ -8,7 +8,7 @@ Frame 0 is slow and is the key frame. A later frame is compared with the current
 The work is split so nothing loops over frames in Python except to walk key-frame changes:
 `frame_features` (resize + HSV + per-patch squared norms) runs on any batch of frames, e.g. while a video
 is still decoding, and `classify` compares the key frame with a whole run of following frames at once.
-Dot products and norms are exact integers; only the final cosine is a float (the reference works in
+Dot products and norms are exact integers (in floats); only the final cosine is rounded (the reference works in
 float32, so a patch whose cosine is within ~1e-6 of 0.7 could in principle be judged differently).
 """
 
@@ -32,25 +32,27 @@ def classification_size(height: int, width: int) -> tuple[int, int]:
 
 
 def _patch_sums(x: np.ndarray) -> np.ndarray:
-  """(m, 3, H, W) integers -> (m, H/28, W/28) int64 sums over each 28x28 patch and the 3 channels."""
+  """(m, 3, H, W) float32 products of uint8 values -> (m, H/28, W/28) exact float64 sums over each 28x28
+  patch and the 3 channels. Rows of 28 products stay under 2^24 (exact in a float32 matrix-vector
+  product); the remaining sums run in float64."""
   m, c, h, w = x.shape
-  rows = x.reshape(m, c, h, w // PATCH, PATCH).sum(axis=-1, dtype=np.int64)    # (m, c, H, nw)
+  rows = (x.reshape(-1, PATCH) @ np.ones(PATCH, np.float32)).astype(np.float64)     # (m*c*H*nw,)
   return rows.reshape(m, c, h // PATCH, PATCH, w // PATCH).sum(axis=(1, 3))
 
 
 def frame_features(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(m, 3, H, W) uint8 RGB -> HSV at the classification size (m, 3, h, w) uint8 and per-patch squared
-  norms (m, h/28, w/28) int64."""
+  norms (m, h/28, w/28) float64 (exact integers)."""
   h, w = classification_size(*frames.shape[-2:])
   hsv = rgb_to_hsv(resize_planes(frames, h, w))
-  v = hsv.astype(np.int32)
+  v = hsv.astype(np.float32)
   return hsv, _patch_sums(v * v)
 
 
 def _similarities(key: np.ndarray, key_sq: np.ndarray, run: np.ndarray, run_sq: np.ndarray) -> np.ndarray:
   """Share of similar patches between the key frame and each frame of a run: (m,) float32, NaN when every
   patch is black in both frames (the reference's mean over nothing)."""
-  dot = _patch_sums(key.astype(np.int32)[None] * run.astype(np.int32))
+  dot = _patch_sums(key.astype(np.float32)[None] * run.astype(np.float32))
   cos = dot / ((np.sqrt(key_sq)[None] + _EPS) * (np.sqrt(run_sq) + _EPS))
   valid = ~((key_sq[None] == 0) & (run_sq == 0))
   similar = (cos > COSINE_THRESHOLD) & valid
@@ -83,7 +85,7 @@ def classify(hsv: np.ndarray, sq_norms: np.ndarray, threshold: float = MIN_FRAME
       run = max(2, min(run, 2 * (int(slow[0]) + 1)))
     else:
       pos = end
-      run = min(2 * run, 64)
+      run = min(2 * run, 16)
   return types
 
 

@@ -103,6 +103,9 @@ def _image_planes(image: Image.Image) -> np.ndarray:
 # Videos.
 
 
+_BATCH = 8
+
+
 def _workers() -> int:
   return max(1, min(8, os.cpu_count() or 1))
 
@@ -148,7 +151,7 @@ def _video_from_list(ele: dict, image_factor: int):
   if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0):
     raise MediaError("<frame list>", f"fps must be a positive number, got {fps!r}")
   n = len(items)
-  idx = sample_indices(n, smart_nframes(ele, n, ele.get("fps", FPS)))
+  idx = sample_indices(n, max(1, smart_nframes(ele, n, ele.get("fps", FPS))))
   timestamps = (np.float64(1.0 / fps) * idx).astype(np.float32) if fps else None
   unique = np.unique(idx)
 
@@ -157,12 +160,28 @@ def _video_from_list(ele: dict, image_factor: int):
     element = item if isinstance(item, dict) else {"image": item, **info}
     return _image_planes(fetch_image(element, size_factor=image_factor, is_video=True))
 
+  # Frames load (Pillow resizes without the GIL) and get their classification features in batches on a
+  # thread pool, straight into one preallocated array.
+  first = load(unique[0])
+  frames = np.empty((len(unique),) + first.shape, np.uint8)
+  frames[0] = first
+
+  def work(start):
+    for k in range(max(start, 1), min(start + _BATCH, len(unique))):
+      planes = load(unique[k])
+      if planes.shape != first.shape:
+        raise MediaError("<frame list>", f"frames resize to different sizes {first.shape} and {planes.shape}")
+      frames[k] = planes
+    return slowfast.frame_features(frames[start:start + _BATCH])
+
   with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
-    planes = list(pool.map(load, unique))          # Pillow resizes without the GIL
-  if len({p.shape for p in planes}) > 1:
-    raise MediaError("<frame list>", f"frames resize to different sizes {sorted({p.shape for p in planes})}")
-  frames = np.stack(planes)[np.searchsorted(unique, idx)]
-  types = slowfast.extract_slow_fast_frames(frames, ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
+    feats = list(pool.map(work, range(0, len(unique), _BATCH)))
+  hsv = np.concatenate([f[0] for f in feats])
+  sq = np.concatenate([f[1] for f in feats])
+  if len(unique) != len(idx):                         # repeated frames (fewer frames than samples)
+    pos = np.searchsorted(unique, idx)
+    frames, hsv, sq = frames[pos], hsv[pos], sq[pos]
+  types = slowfast.classify(hsv, sq, ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
   return frames, timestamps, types
 
 
