@@ -173,6 +173,8 @@ def train(cfg: TrainConfig) -> dict:
         seconds = time.perf_counter() - t0
         step += 1
         loss = float(m["loss"])
+        if step % cfg.log_every == 0 or step == cfg.steps or bool(m["skipped_step"]):
+          writer.write(_record(step, m, seconds, flops, peak, sources, int(_host(state["skipped"]))))
         if bool(m["skipped_step"]):
           log.warning("step %d: non-finite loss %s or grad norm %s; update skipped", step, m["loss"],
                       m["grad_norm"])
@@ -182,8 +184,6 @@ def train(cfg: TrainConfig) -> dict:
                 f"{nonfinite} consecutive steps (up to step {step}) had a non-finite loss or gradient; stopping "
                 f"(max_nonfinite={cfg.max_nonfinite}). The last good checkpoint is step "
                 f"{ckpt.latest_step()} in {ckpt.dir}. Lower the learning rate or check the data.")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-          writer.write(_record(step, m, seconds, flops, peak, sources, int(_host(state["skipped"]))))
         ckpt.maybe_save(step, state, data, force=step == cfg.steps or preempt.requested)
         if preempt.requested:
           ckpt.wait()

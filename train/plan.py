@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 
 import jax
@@ -35,6 +36,8 @@ def hbm_gib(topology: str) -> float:
 
 
 def tpu_devices(topology: str):
+  # Compiling only: several processes (parallel plans, tests) may load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
 

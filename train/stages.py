@@ -3,7 +3,7 @@ optionally with the demo dataset built first and a benchmark scored before and a
 
   stages: [stage1.yaml, stage2.yaml, stage3.yaml, stage4.yaml]   # relative to this file
   run_dir: runs/demo                 # stage i runs in RUN_DIR/<stage file name>
-  demo_data: runs/demo/data          # written with train.data.demo if missing
+  demo_data: runs/demo/data          # written with train.data.demo (and the demo tokenizer) if missing
   eval: {benchmark: demo, data: runs/demo/data/test.jsonl}
 
 Command-line overrides apply to every stage. A stage already finished (its run dir holds the final
@@ -25,6 +25,7 @@ from train.config import TrainConfig, load_train_config
 class EvalConfig:
   benchmark: str = ""
   data: str = ""
+  max_new_tokens: int = 0  # 0: the benchmark's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,8 @@ def _stage_configs(path: str, sched: ScheduleConfig, overrides) -> list[TrainCon
 def _evaluate(cfg: TrainConfig, model, ev: EvalConfig, out_dir: str) -> float:
   from keye_jax.evaluate import run_eval
   from keye_jax.processing.tokenizer import load_tokenizer
-  result = run_eval(model, load_tokenizer(cfg.tokenizer), ev.benchmark, ev.data, out_dir)
+  result = run_eval(model, load_tokenizer(cfg.tokenizer), ev.benchmark, ev.data, out_dir,
+                    max_new_tokens=ev.max_new_tokens or None)
   return float(result["accuracy"])
 
 
@@ -81,6 +83,9 @@ def run_schedule(path: str, overrides=()) -> dict:
     from train.data.demo import write_demo_dataset
     print(f"writing the demo dataset to {sched.demo_data} ...", file=sys.stderr, flush=True)
     write_demo_dataset(sched.demo_data)
+  if sched.demo_data and not os.path.exists(os.path.join(sched.demo_data, "tokenizer", "tokenizer.json")):
+    from keye_jax.processing.tokenizer import build_demo_tokenizer
+    build_demo_tokenizer(os.path.join(sched.demo_data, "tokenizer"))
   cfgs = _stage_configs(path, sched, overrides)
   ev = sched.eval
   before = None

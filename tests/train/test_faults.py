@@ -1,0 +1,70 @@
+"""Checkpoints and faults: kill -9 and resume is bitwise identical, SIGTERM saves then exits, too many
+non-finite steps stop the run with a clear message."""
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from tests.train.helpers import losses, train_process, write_config
+
+
+def _wait_for_step(run_dir, step, proc, timeout=600):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if losses(run_dir).get(step) is not None:
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early: {proc.stderr.read()[-3000:]}")
+    time.sleep(0.05)
+  raise AssertionError(f"step {step} not reached")
+
+
+def _finish(proc, timeout=600):
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-3000:]
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path):
+  steps = 10
+  straight = write_config(tmp_path / "a.yaml", tmp_path / "straight", steps=steps)
+  killed = write_config(tmp_path / "b.yaml", tmp_path / "killed", steps=steps)
+  ref = train_process(straight)
+  victim = train_process(killed)
+  kill_at = random.Random(os.getpid()).randint(2, steps - 3)
+  _wait_for_step(tmp_path / "killed", kill_at, victim)
+  victim.send_signal(signal.SIGKILL)  # possibly in the middle of an asynchronous save
+  victim.wait()
+  _finish(ref)
+  result = _finish(train_process(killed))
+  assert result["final_step"] == steps
+  want, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+  assert sorted(got) == list(range(1, steps + 1))
+  assert got == want  # bit for bit, steps before and after the kill
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", steps=200, checkpoint={"every": 1000, "keep": 2})
+  proc = train_process(cfg)
+  _wait_for_step(tmp_path / "run", 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  result = _finish(proc)
+  assert result["preempted"] and 3 <= result["final_step"] < 200
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+  assert saved == [result["final_step"]]
+
+
+def test_too_many_nonfinite_steps_stop_with_a_message(tmp_path):
+  # An absurd learning rate blows the parameters up after one update; every later step is non-finite.
+  cfg = write_config(tmp_path / "d.yaml", tmp_path / "run", steps=20, max_nonfinite=3,
+                     optimizer={"learning_rate": 1e30, "warmup_steps": 0, "clip_norm": 0.0})
+  proc = train_process(cfg)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode != 0
+  assert "3 consecutive steps" in err and "non-finite" in err
+  recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert recs[-1]["skipped_steps"] == 3
