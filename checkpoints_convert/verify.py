@@ -105,12 +105,15 @@ def golden_from_hf(hf_dir: str, cfg, seed: int = 0) -> dict:
   model = transformers.AutoModelForCausalLM.from_pretrained(
       hf_dir, trust_remote_code=True, local_files_only=True, torch_dtype=torch.float32).eval()
   p = cfg.vision.patch_size
-  image_grid = np.array([[1, 4, 6]])
-  video_grid = np.array([[1, 4, 4], [1, 2, 2]])
+  image_grid = np.array([[1, 4, 6]])                 # 6 merged tokens
+  video_grid = np.array([[1, 4, 4], [1, 2, 2]])      # a 4-token frame, then a 1-token frame
   n_img, n_vid = 24, 16 + 4
-  text = lambda n: list(rng.integers(100, 1000, n))
+  special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
+             cfg.bos_token_id, cfg.eos_token_id}
+  vocab = [t for t in range(min(cfg.text.vocab_size, 1000)) if t not in special]
+  text = lambda n: [int(t) for t in rng.choice(vocab, n)]
   ids = (text(3) + [cfg.vision_start_token_id] + [cfg.image_token_id] * 6 + [cfg.vision_end_token_id] + text(2)
-         + [cfg.vision_start_token_id] + [cfg.video_token_id] * 4 + text(1) + [cfg.video_token_id] * 1
+         + [cfg.vision_start_token_id] + text(4) + [cfg.video_token_id] * 4 + text(4) + [cfg.video_token_id]
          + [cfg.vision_end_token_id] + text(3))
   golden = dict(input_ids=np.array(ids, np.int64),
                 pixel_values=rng.standard_normal((n_img, 3, p, p)).astype(np.float32),

@@ -56,6 +56,40 @@ def mrope(pos_3s, hd, theta, section):
   return emb.cos().float()[None], emb.sin().float()[None]
 
 
+@torch.no_grad()
+def keye_logits(c, vision, projector, text_model, lm_head, ids, pixel_values, image_grid_thw,
+                pixel_values_videos, video_grid_thw):
+  """(S,) ids with one image and one video -> ((S, V) logits, (3, S) position ids)."""
+  ids_np = np.asarray(ids).reshape(-1)
+  image_grid_thw, video_grid_thw = np.asarray(image_grid_thw), np.asarray(video_grid_thw)
+
+  def features(pixels, grid_thw):
+    out = vision(pixel_values=torch.as_tensor(pixels)[None], grid_thw=torch.as_tensor(grid_thw))
+    feats, start, toks = out.last_hidden_state.reshape(-1, c.vision.hidden_size), 0, []
+    for t, h, w in grid_thw:
+      for _ in range(t):
+        toks.append(projector(feats[start:start + h * w], h, w))
+        start += h * w
+    return torch.cat(toks)
+
+  emb = text_model.embed_tokens(torch.as_tensor(ids_np))[None].clone()
+  emb[0, ids_np == c.image_token_id] = features(pixel_values, image_grid_thw)
+  emb[0, ids_np == c.video_token_id] = features(pixel_values_videos, video_grid_thw)
+  blocks = []  # merged grids in order of occurrence (here: the image, then the video frames)
+  for grid in (image_grid_thw, video_grid_thw):
+    for t, h, w in grid:
+      blocks += [(h // 2, w // 2)] * t
+  pos = spec_position_ids(list(ids_np), blocks, {c.image_token_id, c.video_token_id})
+  cos, sin = mrope(pos, c.text.head_dim, c.text.rope_theta, c.text.mrope_section)
+  s = len(ids_np)
+  causal = torch.full((s, s), float("-inf")).triu(1)[None, None]
+  h = emb
+  for layer in text_model.layers:
+    h = layer(h, attention_mask=causal, position_embeddings=(cos, sin))
+    h = h[0] if isinstance(h, tuple) else h
+  return lm_head(text_model.norm(h))[0].numpy(), pos
+
+
 class KeyeReference:
 
   def __init__(self, cfg, seed: int = 0):
@@ -68,34 +102,9 @@ class KeyeReference:
         p.add_(torch.randn_like(p) * 0.05)
     self.text = hf_qwen3(cfg.text, seed + 2)
 
-  @torch.no_grad()
   def logits(self, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
-    c = self.cfg
-    def features(pixels, grid_thw):
-      out = self.vision(pixel_values=torch.tensor(pixels)[None], grid_thw=torch.tensor(grid_thw))
-      feats, start, toks = out.last_hidden_state.reshape(-1, c.vision.hidden_size), 0, []
-      for t, h, w in grid_thw:
-        for _ in range(t):
-          toks.append(self.projector(feats[start:start + h * w], h, w))
-          start += h * w
-      return torch.cat(toks)
-    emb = self.text.model.embed_tokens(torch.tensor(ids))[None].clone()
-    ids_np = np.asarray(ids)
-    emb[0, ids_np == c.image_token_id] = features(pixel_values, image_grid_thw)
-    emb[0, ids_np == c.video_token_id] = features(pixel_values_videos, video_grid_thw)
-    blocks = []  # merged grids in order of occurrence (here: the image, then the video frames)
-    for grid in (image_grid_thw, video_grid_thw):
-      for t, h, w in grid:
-        blocks += [(h // 2, w // 2)] * t
-    pos = spec_position_ids(list(ids_np), blocks, {c.image_token_id, c.video_token_id})
-    cos, sin = mrope(pos, c.text.head_dim, c.text.rope_theta, c.text.mrope_section)
-    s = len(ids)
-    causal = torch.full((s, s), float("-inf")).triu(1)[None, None]
-    h = emb
-    for layer in self.text.model.layers:
-      h = layer(h, attention_mask=causal, position_embeddings=(cos, sin))
-      h = h[0] if isinstance(h, tuple) else h
-    return self.text.lm_head(self.text.model.norm(h))[0].numpy(), pos
+    return keye_logits(self.cfg, self.vision, self.projector, self.text.model, self.text.lm_head, ids,
+                       pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
 
   def save_released(self, out_dir: str, hf_config: dict, spelling: str = "released") -> dict[str, np.ndarray]:
     """Released names (or the transformers-PR spelling), plus the unused release tensors."""

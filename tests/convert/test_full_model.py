@@ -126,3 +126,20 @@ def test_init_from_siglip_and_qwen3(tmp_path):
                                 sd["embeddings.position_embedding.weight"].numpy())
   cfg, model = load_model(str(tmp_path / "i1"))
   assert cfg.vision.hidden_size == v.hidden_size and cfg.text.num_layers == t.num_layers
+
+
+def test_verify_hf_dir_runs_the_checkpoints_own_code(released, tmp_path):
+  """--hf-dir: the golden comes from the checkpoint's modeling code loaded with trust_remote_code."""
+  import shutil
+  d, _, _ = released
+  hf = tmp_path / "hf"
+  shutil.copytree(d / "hf", hf)
+  shutil.copy(os.path.join(os.path.dirname(__file__), "remote_code", "modeling_fake_keye.py"), hf)
+  cfg = json.loads((hf / "config.json").read_text())
+  cfg.update(model_type="fake_keye", auto_map={"AutoConfig": "modeling_fake_keye.FakeKeyeConfig",
+                                               "AutoModelForCausalLM": "modeling_fake_keye.FakeKeye"})
+  (hf / "config.json").write_text(json.dumps(cfg))
+  to_orbax(str(d / "hf"), str(tmp_path / "orbax"))
+  rc, result, err = _keye("verify", str(tmp_path / "orbax"), "--hf-dir", str(hf), "--atol", "1e-4")
+  assert rc == 0, err[-3000:]
+  assert result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0, result
