@@ -86,10 +86,8 @@ def restore_params(run_dir: str, abstract_params: dict, step: int | None = None)
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  # Read params only: a partial restore of the "state" item.
-  meta = mngr.item_metadata(step)["state"]
-  target = jax.tree.map(lambda _: None, dict(meta))
-  target["params"] = abstract_params
+  # Read the parameters only (partial restore): the optimizer state may belong to another trainable set.
+  target = {"params": abstract_params}
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True)))
   mngr.close()
@@ -97,8 +95,5 @@ def restore_params(run_dir: str, abstract_params: dict, step: int | None = None)
 
 
 def _restore_args(target):
-  def one(x):
-    if x is None:
-      return None
-    return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
-  return jax.tree.map(one, target, is_leaf=lambda x: x is None)
+  return jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+                      target)

@@ -59,8 +59,16 @@ def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch
   tx, schedules = make_optimizer(cfg.optimizer, train_keys, cfg.steps)
   accum, chunk, z = cfg.grad_accum, cfg.loss_chunk, cfg.z_loss
 
+  compute = jnp.dtype(cfg.model.dtype)
+
+  def to_compute(k, v):
+    # Matmul weights go to the compute dtype while still sharded, so FSDP gathers move half the bytes
+    # (the layers cast them anyway; norms and other parameters stay fp32).
+    cast = k.endswith("kernel") or k == "decoder/embed/embedding"
+    return v.astype(compute) if cast and compute.itemsize < v.dtype.itemsize else v
+
   def loss_fn(trainable, frozen, batch, denom):
-    model = shape.build({**trainable, **frozen})
+    model = shape.build({k: to_compute(k, v) for k, v in {**trainable, **frozen}.items()})
     total, per_src, per_src_n = loss_sums(model, batch, chunk=chunk, z_loss=z, num_sources=num_sources)
     return total / denom, (per_src, per_src_n)
 
