@@ -33,20 +33,24 @@ def classification_size(height: int, width: int) -> tuple[int, int]:
 
 def _patch_sums(x: np.ndarray) -> np.ndarray:
   """(m, 3, H, W) float32 products of uint8 values -> (m, H/28, W/28) exact float64 sums over each 28x28
-  patch and the 3 channels. Rows of 28 products stay under 2^24 (exact in a float32 matrix-vector
-  product); the remaining sums run in float64."""
+  patch and the 3 channels. Summing the 28 rows of a patch first adds whole contiguous rows (fast), and
+  28 products stay under 2^24, exact in float32; the remaining sums run in float64."""
   m, c, h, w = x.shape
-  rows = (x.reshape(-1, PATCH) @ np.ones(PATCH, np.float32)).astype(np.float64)     # (m*c*H*nw,)
-  return rows.reshape(m, c, h // PATCH, PATCH, w // PATCH).sum(axis=(1, 3))
+  rows = x.reshape(m, c, h // PATCH, PATCH, w).sum(axis=3)                  # (m, c, nh, W)
+  return rows.astype(np.float64).reshape(m, c, h // PATCH, w // PATCH, PATCH).sum(axis=(1, 4))
 
 
 def frame_features(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(m, 3, H, W) uint8 RGB -> HSV at the classification size (m, 3, h, w) uint8 and per-patch squared
-  norms (m, h/28, w/28) float64 (exact integers)."""
+  norms (m, h/28, w/28) float64 (exact integers). One frame at a time keeps the temporaries in cache."""
   h, w = classification_size(*frames.shape[-2:])
-  hsv = rgb_to_hsv(resize_planes(frames, h, w))
-  v = hsv.astype(np.float32)
-  return hsv, _patch_sums(v * v)
+  hsv = np.empty((len(frames), 3, h, w), np.uint8)
+  sq = np.empty((len(frames), h // PATCH, w // PATCH), np.float64)
+  for i, frame in enumerate(frames):
+    hsv[i] = rgb_to_hsv(resize_planes(frame, h, w))
+    v = hsv[i].astype(np.float32)
+    sq[i] = _patch_sums((v * v)[None])[0]
+  return hsv, sq
 
 
 def _similarities(key: np.ndarray, key_sq: np.ndarray, run: np.ndarray, run_sq: np.ndarray) -> np.ndarray:
