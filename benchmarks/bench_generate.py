@@ -44,6 +44,7 @@ def main():
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--scan", action="store_true", help="scanned layer stack (default: unscanned)")
+  ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
   args = ap.parse_args()
 
   t = TextConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
@@ -58,7 +59,7 @@ def main():
   ids = rng.integers(1, t.vocab_size, (args.batch, args.prompt))
   n_tokens = args.batch * args.new
 
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(args.torch_threads)
   torch_ids = torch.tensor(ids)
 
   def run_hf():
@@ -80,7 +81,7 @@ def main():
   same = np.array_equal(np.stack([g.tokens for g in ours]), theirs[:, args.prompt:].numpy())
 
   print(f"config: {n_params / 1e6:.1f}M params, batch {args.batch}, prompt {args.prompt}, "
-        f"{args.new} new tokens, greedy, fp32, {os.cpu_count()} CPU threads, "
+        f"{args.new} new tokens, greedy, fp32, {os.cpu_count()} CPUs (torch threads {args.torch_threads}), "
         f"{'scanned' if args.scan else 'unscanned'} layers")
   print(f"ours (jitted while_loop): {n_tokens / ours_s:8.1f} tokens/s  ({ours_s:.3f} s; first call incl. "
         f"compile {compile_s:.1f} s)")

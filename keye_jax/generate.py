@@ -278,7 +278,8 @@ class Sampler:
       carry = self._prefill(self.state, batch, key, *knobs, cache_len=seq_len + new_len, new_len=new_len,
                             greedy=greedy)
       chunked = stream is not None or bool(params.stop_strings)
-      watcher = _TextWatcher(self, len(prompts), params.stop_strings, stream, row_offset) if chunked else None
+      watcher = (_TextWatcher(self, len(prompts), stop_ids, params.stop_strings, stream, row_offset)
+                 if chunked else None)
       limit = 1
       while True:
         if watcher is not None:
@@ -332,17 +333,17 @@ class Sampler:
 class _TextWatcher:
   """Between decode chunks: streams new text and stops rows whose text contains a stop string."""
 
-  def __init__(self, sampler: Sampler, n_rows: int, stop_strings, stream, row_offset):
+  def __init__(self, sampler: Sampler, n_rows: int, stop_ids, stop_strings, stream, row_offset):
     self.sampler, self.n_rows, self.stop_strings = sampler, n_rows, tuple(stop_strings)
+    self.stop_ids = set(stop_ids)
     self.stream, self.row_offset = stream, row_offset
     self.sent = [""] * n_rows
 
   def update(self, carry):
     tokens, lengths, done = jax.device_get((carry["tokens"], carry["lengths"], carry["done"]))
-    stop_ids = set(self.sampler.stop_token_ids)
     newly_done = []
     for r in range(self.n_rows):
-      ids = [int(t) for t in tokens[r, :lengths[r]] if int(t) not in stop_ids]
+      ids = [int(t) for t in tokens[r, :lengths[r]] if int(t) not in self.stop_ids]
       text = self.sampler.decode(ids)
       hit = [text.index(s) for s in self.stop_strings if s in text]
       if hit:

@@ -160,3 +160,12 @@ def test_split_thinking_and_pack_prompts_positions():
   np.testing.assert_array_equal(b["position_ids"][:, 0, :3], 1)
   np.testing.assert_array_equal(b["rope_delta"][:2], [4 - 8, 3 - 8])
   assert b["dummy"].tolist() == [False, False, True, True]
+
+
+def test_sharded_sampler_matches_single_device():
+  """Mesh data=2 x tensor=2 on 4 virtual CPU devices (own process: the device count is fixed at start)."""
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-m", "tests.generate.sharded_generate"], capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr[-2000:]
