@@ -28,11 +28,11 @@ from PIL import Image  # noqa: E402
 
 from keye_jax.processing import fetch_video  # noqa: E402
 from keye_jax.processing.slowfast import extract_slow_fast_frames  # noqa: E402
-from tests.processing.media import load_reference  # noqa: E402
+from tests.processing.media import _gray, _vivid, load_reference  # noqa: E402
 
 
 def make_clip(path: str, seconds: int = 20, fps: int = 30, h: int = 720, w: int = 1280) -> str:
-  """Panning textured shots with a cut every 3 s and some noise, so the encoder spends real bits."""
+  """Panning shots, gray and vivid in turn, cut every 3 s, with noise so the encoder spends real bits."""
   if os.path.exists(path):
     return path
   rng = np.random.default_rng(0)
@@ -41,8 +41,7 @@ def make_clip(path: str, seconds: int = 20, fps: int = 30, h: int = 720, w: int 
     s = c.add_stream("libx264", rate=fps)
     s.width, s.height, s.pix_fmt = w, h, "yuv420p"
     s.options = {"preset": "fast", "crf": "23"}
-    scenes = [rng.integers(0, 256, (h // 16 + 1, (w * 2) // 16 + 1, 3), dtype=np.uint8) for _ in range(8)]
-    scenes = [x.repeat(16, 0).repeat(16, 1)[:h, :w * 2] for x in scenes]
+    scenes = [(_gray if k % 2 else _vivid)(rng, h, w * 2, block=16) for k in range(8)]
     for i in range(seconds * fps):
       base = scenes[(i // (3 * fps)) % len(scenes)]
       x = (i % (3 * fps)) * 4
@@ -86,7 +85,7 @@ def main():
   import torch
   print(f"machine: {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}", file=sys.stderr)
   t = time.perf_counter()
-  clip = make_clip(os.path.join(args.workdir, "clip_20s_720p.mp4"))
+  clip = make_clip(os.path.join(args.workdir, "clip_20s_720p_cuts.mp4"))
   print(f"clip ready ({time.perf_counter() - t:.1f} s): {clip}", file=sys.stderr)
 
   # file path

@@ -39,25 +39,40 @@ def texture(rng, h, w, block=8):
   return small.repeat(block, 0).repeat(block, 1)[:h, :w]
 
 
+def _gray(rng, h, w, block=8):
+  """Low-saturation blocks."""
+  return np.repeat(texture(rng, h, w, block)[..., :1] // 2 + 100, 3, axis=2)
+
+
+def _vivid(rng, h, w, block=8):
+  """Saturated blocks: one strong channel per block."""
+  small = rng.integers(0, 40, (-(-h // block), -(-w // block), 3), dtype=np.uint8)
+  strong = rng.integers(0, 3, small.shape[:2])
+  np.put_along_axis(small, strong[..., None], rng.integers(200, 256, small.shape[:2] + (1,), dtype=np.uint8), 2)
+  return small.repeat(block, 0).repeat(block, 1)[:h, :w]
+
+
 def scene_frames(kind: str, n: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
-  """Frames (H, W, 3) uint8 of a named kind of shot."""
+  """Frames (H, W, 3) uint8 of a named kind of shot. The classifier compares HSV patches, where random
+  textures all look alike, so scenes differ in saturation (gray blocks vs vivid blocks) as real cuts do."""
   rng = np.random.default_rng(seed)
-  a, b = texture(rng, h, w), texture(rng, h, w, block=5)
-  wide = texture(rng, h, w * 3)
+  a, b = _gray(rng, h, w), _vivid(rng, h, w, block=5)
+  wide = np.concatenate([_gray(rng, h, w), _vivid(rng, h, w), _gray(rng, h, w)], axis=1)
   frames = []
   for i in range(n):
     if kind == "static":
       f = a
     elif kind == "cuts":                       # a hard cut every 7 frames
       f = a if (i // 7) % 2 == 0 else b
-    elif kind == "pan":                        # slow horizontal pan
-      f = wide[:, i * 3:i * 3 + w]
+    elif kind == "pan":                        # pan across gray, vivid, gray
+      x = i * (2 * w) // max(n - 1, 1)
+      f = wide[:, x:x + w]
     elif kind == "fade":                       # fade to black and back
       f = (a.astype(np.float32) * abs(1 - 2 * i / max(n - 1, 1))).astype(np.uint8)
     elif kind == "black":                      # black frames in the middle
       f = np.zeros_like(a) if n // 3 <= i < 2 * n // 3 else a
-    elif kind == "noise":                      # every frame different
-      f = texture(rng, h, w, block=4)
+    elif kind == "noise":                      # every frame a new texture, gray or vivid
+      f = (_gray if i % 2 else _vivid)(rng, h, w, block=4)
     elif kind == "mixed":                      # drift with a cut and a flash
       f = np.roll(a, i, axis=1) if i < n // 2 else np.roll(b, -i, axis=0)
       if i == 3 * n // 4:
