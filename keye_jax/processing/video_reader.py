@@ -100,11 +100,6 @@ def _planes(frame: av.VideoFrame) -> np.ndarray:
   return out
 
 
-def _threading() -> str:
-  # FFmpeg's frame and slice threads, one per core, as the reference's decord uses.
-  return "AUTO"
-
-
 def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray, batch: int = 8,
                 on_batch: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
   """Decode the frames with presentation timestamps `wanted_pts` (sorted, may repeat) -> (m, 3, H, W) uint8.
@@ -130,6 +125,9 @@ def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray, batch: int = 8,
       done = end
 
   for frame_pts, planes in _decode(source, info, unique):
+    if planes.shape != frames.shape[1:]:
+      raise MediaError(source, f"frame size changes inside the video: {planes.shape[1:]} after "
+                               f"{frames.shape[2:]}")
     u = slot[frame_pts]
     got[u] = True
     for k in np.flatnonzero(out_of == u):
@@ -150,7 +148,7 @@ def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, 
   container = _open(source)
   try:
     stream = container.streams.video[0]
-    stream.thread_type = _threading()
+    stream.thread_type = "AUTO"                        # FFmpeg threads, one per core, as decord uses
     ctx = stream.codec_context
     if unique[0] > info.pts[0]:
       container.seek(int(unique[0]), stream=stream, backward=True, any_frame=False)
@@ -159,7 +157,11 @@ def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, 
       if packet.pts is not None:
         # Non-reference frames nobody asked for are not decoded at all.
         ctx.skip_frame = "DEFAULT" if packet.pts in want else "NONREF"
-      for frame in ctx.decode(packet):
+      try:
+        decoded = ctx.decode(packet)
+      except av.InvalidDataError:                      # a damaged packet: its frame is replaced later
+        continue
+      for frame in decoded:
         if frame.pts in want:
           yield int(frame.pts), _planes(frame)
           want.discard(frame.pts)

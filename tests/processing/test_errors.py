@@ -65,3 +65,15 @@ def test_frame_lists(tmp_path):
     fetch_video({"video": [Image.new("RGB", (300, 200)), Image.new("RGB", (200, 300))]})
   with pytest.raises(MediaError, match="fps"):
     fetch_video({"video": [Image.new("RGB", (300, 200))], "fps": -1})
+
+
+def test_damaged_middle_still_gives_every_sampled_frame(tmp_path):
+  path = write_video(str(tmp_path / "ok.mp4"), scene_frames("cuts", 40, 64, 96), fps=10)
+  data = bytearray(open(path, "rb").read())
+  rng = np.random.default_rng(0)
+  for off in range(len(data) // 3, len(data) // 3 + 400, 7):
+    data[off] = int(rng.integers(0, 256))
+  damaged = tmp_path / "damaged.mp4"
+  damaged.write_bytes(bytes(data))
+  frames, kw = fetch_video({"video": str(damaged), "fps": 10})
+  assert frames.shape == (40, 3, 64, 96) and len(kw["frame_types"]) == 40
