@@ -48,43 +48,43 @@ class Attention(nnx.Module):
     return q, k, v
 
   def __call__(self, x_bsd, cos, sin, segment_ids, cache=None):
-    """Returns (output (B, S, D), (k, v) of this call). With `cache` = (k_cache, v_cache, kv_segment_ids,
-    index), the new k/v are written at `index` and the queries attend to the whole cache instead."""
+    """Returns (output (B, S, D), (k, v) of the new tokens). With `cache` = (k_cache, v_cache,
+    cache_segment_ids), the queries attend to the valid cache slots and, causally, to each other; the
+    caller writes the returned k/v into the cache once for all layers (no per-layer cache copy)."""
     b, s, _ = x_bsd.shape
     q, k, v = self.qkv(x_bsd, cos, sin)
     if cache is None:
       out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                               impl=self.attention_impl)
-      new = (k, v)
     else:
-      k_cache, v_cache, kv_segment_ids, index = cache
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      # The new tokens see every valid cache slot up to themselves (causal among themselves).
-      t = k_cache.shape[1]
-      slot = jnp.arange(t)
-      visible = (kv_segment_ids[:, None, :] != 0) & (slot[None, None, :] <= index + jnp.arange(s)[None, :, None])
-      q_seg = jnp.ones((b, s), jnp.int32)
-      out = _attend_masked(q, k_cache, v_cache, visible, self.attention_impl, q_seg, kv_segment_ids)
-      new = (k_cache, v_cache)
+      out = decode_attention(q, k, v, *cache)
     out = out.reshape(b, s, self.num_heads * self.head_dim)
-    return self.o_proj(out), new
+    return self.o_proj(out), (k, v)
 
 
-def _attend_masked(q, k, v, visible_bqt, impl, q_seg, kv_seg):
-  """Decode-time attention over a cache. One new token per row uses the segment-id dispatch; several
-  new tokens (speculative/chunked decoding) need a causal offset the dispatch does not express, so they
-  use the reference path with an explicit mask."""
-  if q.shape[1] == 1:
-    return kernels.attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=(kv_seg != 0).astype(jnp.int32),
-                             causal=False, impl="xla" if impl == "auto" else impl)
-  b, s, hq, d = q.shape
-  hkv = k.shape[2]
-  qg = q.reshape(b, s, hkv, hq // hkv, d)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
-  logits = jnp.where(visible_bqt[:, None, None], logits, -1e30)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, s, hq, d)
+def decode_attention(q_bshd, k_new, v_new, k_cache, v_cache, cache_segment_ids):
+  """Few new queries against a read-only cache plus their own keys, merged in one softmax.
+
+  q (B, s, Hq, D); k_new, v_new (B, s, Hkv, D); k_cache, v_cache (B, T, Hkv, D); cache_segment_ids (B, T)
+  with 0 = empty slot. Keeping the cache read-only is what lets decoding update it in place: reading it
+  is the unavoidable cost of a step, copying it would double that.
+  """
+  b, s, hq, d = q_bshd.shape
+  hkv = k_cache.shape[2]
+  qg = q_bshd.reshape(b, s, hkv, hq // hkv, d)
+  scale = d ** -0.5
+  old = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_cache.astype(q_bshd.dtype), preferred_element_type=jnp.float32)
+  old = jnp.where((cache_segment_ids != 0)[:, None, None, None, :], old * scale, -1e30)
+  new = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_new, preferred_element_type=jnp.float32) * scale
+  new = jnp.where(jnp.tril(jnp.ones((s, s), bool)), new, -1e30)
+  m = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+  p_old, p_new = jnp.exp(old - m), jnp.exp(new - m)
+  denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+  out = (jnp.einsum("bhgqk,bkhd->bqhgd", (p_old / denom).astype(v_cache.dtype), v_cache,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("bhgqk,bkhd->bqhgd", (p_new / denom).astype(v_new.dtype), v_new,
+                      preferred_element_type=jnp.float32))
+  return out.reshape(b, s, hq, d).astype(q_bshd.dtype)
 
 
 class MLP(nnx.Module):
@@ -110,8 +110,8 @@ class DecoderLayer(nnx.Module):
     self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg, rngs=rngs, **kw)
 
-  def __call__(self, h, cache, *, cos, sin, segment_ids, index=None, kv_segment_ids=None, return_kv=False):
-    layer_cache = None if cache is None else (cache[0], cache[1], kv_segment_ids, index)
+  def __call__(self, h, cache, *, cos, sin, segment_ids, kv_segment_ids=None, return_kv=False):
+    layer_cache = None if cache is None else (cache[0], cache[1], kv_segment_ids)
     a, kv = self.attn(self.input_norm(h), cos, sin, segment_ids, layer_cache)
     h = h + a
     h = h + self.mlp(self.post_norm(h))
@@ -191,8 +191,14 @@ class Decoder(nnx.Module):
     """New tokens (B, s) at cache slots index..index+s-1. Returns (hidden (B, s, D), cache)."""
     b, s, _ = embeds_bsd.shape
     index = cache["index"]
-    kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], jnp.ones((b, s), jnp.int32), (0, index))
     cos, sin = self._cos_sin(position_ids_3bs)
     h, (k, v) = self.layers(embeds_bsd, (cache["k"], cache["v"]), cos=cos, sin=sin, segment_ids=None,
-                            index=index, kv_segment_ids=kv_seg, return_kv=True)
-    return self.norm(h), dict(k=k, v=v, segment_ids=kv_seg, index=index + s)
+                            kv_segment_ids=cache["segment_ids"], return_kv=True)
+    # One in-place write of every layer's new K/V: (L, B, s, Hkv, hd) at slot `index`.
+    at = (0, 0, index, 0, 0)
+    cache = dict(k=jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+                 v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+                 segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], jnp.ones((b, s), jnp.int32),
+                                                          (0, index)),
+                 index=index + s)
+    return self.norm(h), cache
