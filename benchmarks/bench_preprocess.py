@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import av  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from keye_jax.processing import fetch_video  # noqa: E402
 from keye_jax.processing.slowfast import extract_slow_fast_frames  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from keye_jax.processing.resize import resize_planes
-from keye_jax.processing.sizing import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
+from keye_jax.processing.sizing import MAX_PIXELS, MIN_PIXELS, smart_resize
 
 PATCH = 14
 MERGE = 2
