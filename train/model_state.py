@@ -20,6 +20,9 @@ from keye_jax.model import KeyeVL
 from keye_jax.sharding import DEFAULT_RULES, param_specs
 
 BATCH_AXES = ("data", "fsdp")
+# Parameters (and so optimizer state) are sharded over the context axis too: a long-context mesh
+# (context 16 x fsdp 8) then holds 1/128 of them per chip, not 1/8. Activations keep DEFAULT_RULES.
+PARAM_RULES = tuple((name, ("fsdp", "context")) if name == "embed" else (name, axes) for name, axes in DEFAULT_RULES)
 
 
 def _key(path) -> str:
@@ -53,11 +56,11 @@ class ModelShape:
   def flatten(self, model: KeyeVL) -> dict:
     return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
-  def specs(self, mesh_axes, rules=DEFAULT_RULES) -> dict[str, P]:
+  def specs(self, mesh_axes, rules=PARAM_RULES) -> dict[str, P]:
     specs = param_specs(self.abstract, rules, mesh_axes)
     return {_key(p): s for p, s in nnx.to_flat_state(specs)}
 
-  def shardings(self, mesh, rules=DEFAULT_RULES) -> dict[str, NamedSharding]:
+  def shardings(self, mesh, rules=PARAM_RULES) -> dict[str, NamedSharding]:
     return {k: NamedSharding(mesh, s) for k, s in self.specs(mesh.axis_names, rules).items()}
 
 

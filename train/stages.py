@@ -103,7 +103,8 @@ def run_schedule(path: str, overrides=()) -> dict:
     result = train(cfg)
     records = read_metrics(cfg.run_dir)
     first = records[0]["loss"] if records else float("nan")
-    rows.append((name, result["final_step"], first, result["final_loss"], time.time() - s0))
+    last = records[-1]["loss"] if records else result["final_loss"]  # also right for a resumed, finished stage
+    rows.append((name, result["final_step"], first, last, time.time() - s0))
   after = None
   if ev.benchmark:
     from train.merge import load_run_model
