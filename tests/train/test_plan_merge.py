@@ -15,7 +15,7 @@ def test_plan_small_topology(tmp_path):
                      data={"seq_len": 64, "num_patches": 32, "batch_size": 8})
   out = run_python(f"import json; from train.plan import plan; print(json.dumps(plan({cfg!r}, 'v5p:2x2x1')))")
   assert out["chips"] == 4 and out["fits"] and out["hbm_gib"] == 95.0
-  assert 0 < out["params_gib"] < out["per_chip_gib"] and out["optimizer_gib"] == pytest.approx(2 * out["params_gib"])
+  assert 0 < out["params_gib"] < out["per_chip_gib"] and out["optimizer_gib"] == pytest.approx(2 * out["params_gib"], rel=1e-3)  # + step counts
   assert out["flops_per_step"] > 0
 
 
