@@ -36,6 +36,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-6)
 
 
+@pytest.mark.slow  # two training runs and a merge: ~1 min
 def test_merge_is_the_weighted_average(tmp_path):
   runs = []
   for i, lr in enumerate((1e-2, 3e-2)):
