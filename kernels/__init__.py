@@ -13,7 +13,9 @@ implementation runs:
 
 With `mesh` given, the call runs under shard_map as ring attention over the mesh's `context` axis
 (`kernels.ring_attention`; size 1 is plain sharded attention), batch split over `data`/`fsdp` and
-heads over `tensor` where the mesh has them. Mosaic kernels inside sharded programs need this.
+heads over `tensor` where the mesh has them. Mosaic kernels inside sharded programs need this, so the
+`pallas` path also takes the ambient mesh (`jax.set_mesh`, as the trainer and sampler set it) when no
+`mesh` is passed: the model stays unaware of meshes.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool,
   if impl == "auto":
     impl = "pallas" if _on_tpu() else "xla"
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if mesh is None and impl == "pallas":
+    ambient = jax.sharding.get_abstract_mesh()
+    mesh = None if ambient is None or ambient.empty or ambient.size == 1 else ambient
   if mesh is not None and q.shape[1] == k.shape[1] and impl != "splash":
     return _mesh_attention(q, k, v, q_segment_ids, kv_segment_ids, mesh=mesh, impl=impl, causal=causal,
                            scale=scale, block_q=block_q, block_kv=block_kv)

@@ -56,6 +56,12 @@ def _checks():
     compare("dispatch-pallas-data2-context4",
             lambda q, k, v: kernels.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal,
                                               impl="pallas", block_q=32, block_kv=32, mesh=mesh), causal)
+  # No mesh passed: the Pallas path picks up the ambient mesh (as in the sharded training step).
+  mesh3 = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  with jax.set_mesh(mesh3):
+    compare("dispatch-pallas-ambient-data2-fsdp2-tensor2",
+            lambda q, k, v: kernels.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
+                                              impl="pallas", block_q=32, block_kv=32), True)
 
 
 def test_ring_attention_on_eight_virtual_devices():
@@ -64,7 +70,7 @@ def test_ring_attention_on_eight_virtual_devices():
   proc = subprocess.run([sys.executable, "-m", "tests.kernels.test_ring_attention"], cwd=root, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-  assert proc.stdout.count("ok ") == 4, proc.stdout
+  assert proc.stdout.count("ok ") == 5, proc.stdout
 
 
 if __name__ == "__main__":
