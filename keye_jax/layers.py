@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from keye_jax.sharding import constrain
+
 _init = jax.nn.initializers.normal(stddev=0.02)
 
 
@@ -37,7 +39,10 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    # Gather the embed dim (FSDP) first: a lookup into a table sharded on both dims makes XLA
+    # replicate the whole output and re-partition it.
+    table = constrain(self.embedding[...], ("vocab", None))
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
