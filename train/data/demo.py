@@ -3,6 +3,7 @@
 `write_demo_dataset(out_dir, seed)` writes, in a few seconds on a CPU:
 
   out_dir/train.jsonl, test.jsonl          manifests; media paths relative to out_dir
+  out_dir/{train,test}_{image,video}.jsonl   each split by modality (images and text; videos)
   out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos (5-32 frames)
   out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
   out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
@@ -24,6 +25,9 @@ short video example (5-8 frames) is ~330-520 tokens and ~1000-1600 patches, a lo
 ~1300-1850 tokens and ~4300-6300 patches. Short contexts (512-1024 tokens) hold every category except
 long_video. The train mix averages ~2.5 patches per text token: rows with num_patches ~3x seq_len keep the
 text budget the binding one.
+
+The CPU demo (configs/demo) trains on images first and scores test_image.jsonl: the image questions
+(colour, shape, count, position), the ones a tiny model learns from the pixels within its budget.
 
 Every question is multiple choice with four options A-D (chance 25%) answered by one letter, in train and
 test alike; test records keep `answer` (the letter), `options` and `category` for exact-match scoring.
@@ -53,11 +57,12 @@ LETTERS = "ABCD"
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 # Sampling rate of the files (every frame is read); the reference sizing upscales frames to >= 196x196.
 VIDEO_KEYS = {"fps": float(FPS)}
-# Examples per split and category.
-TRAIN_COUNTS = {"caption": 300, "color": 200, "shape": 200, "count": 200, "position": 200,
-                "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 160, "text": 60}
-TEST_COUNTS = {"color": 30, "shape": 30, "count": 30, "position": 30, "video_event": 30, "video_time": 30,
-               "long_video": 10, "reasoning": 20}
+VIDEO_CATEGORIES = ("video_event", "video_time", "long_video")
+# Examples per split and category: many image questions (cheap rows, learnable from the pixels).
+TRAIN_COUNTS = {"caption": 1500, "color": 1500, "shape": 1500, "count": 1500, "position": 1500,
+                "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 160, "text": 500}
+TEST_COUNTS = {"color": 40, "shape": 40, "count": 40, "position": 40, "video_event": 20, "video_time": 20,
+               "long_video": 10}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,10 +117,11 @@ def _where(cell: int) -> str:
 
 
 def _choices(rng: random.Random, correct: str, pool) -> tuple[list[str], str]:
-  """Four options (the correct one and three distinct distractors) in random order, and its letter."""
-  distractors = rng.sample([p for p in dict.fromkeys(pool) if p != correct], 3)
-  options = distractors + [correct]
-  rng.shuffle(options)
+  """Four options (the correct one and three distinct distractors) listed in the pool's order, as an
+  exam lists numbers or times in ascending order, and the correct one's letter."""
+  pool = list(dict.fromkeys(pool))
+  options = rng.sample([p for p in pool if p != correct], 3) + [correct]
+  options.sort(key=pool.index)
   return options, LETTERS[options.index(correct)]
 
 
@@ -251,7 +257,7 @@ def _records(split: str, counts: dict[str, int], rng: random.Random, media_dir: 
   for i, category in enumerate(order):
     rid = f"{split}-{i:05d}"
     media = {}
-    if category in ("video_event", "video_time", "long_video"):
+    if category in VIDEO_CATEGORIES:
       frames, question, answer, options, letter = b.video_record(category)
       rel = os.path.relpath(os.path.join(media_dir, f"{rid}.mp4"), out_dir)
       media[rel] = _mp4(frames)
@@ -286,16 +292,22 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
     from array_record.python import array_record_module
     writer = array_record_module.ArrayRecordWriter(
         os.path.join(out_dir, "array_record", f"{split}.array_record"), "group_size:1")
+    by_modality = {"image": [], "video": []}
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as manifest:
       for record, media in _records(split, counts, rng, media_dir, out_dir):
         for rel, data in media.items():
           with open(os.path.join(out_dir, rel), "wb") as f:
             f.write(data)
-        manifest.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        manifest.write(line)
+        by_modality["video" if record["category"] in VIDEO_CATEGORIES else "image"].append(line)
         blob = pack_record(record, out_dir)
         writer.write(blob)
         packed[split].append(blob)
     writer.close()
+    for modality, lines in by_modality.items():
+      with open(os.path.join(out_dir, f"{split}_{modality}.jsonl"), "w") as f:
+        f.writelines(lines)
     info["splits"][split] = {"examples": len(packed[split]), "categories": counts}
   if with_tfds:
     from train.data.tfds_export import write_tfds
