@@ -48,10 +48,9 @@ def pallas_blocks(sq: int, skv: int, block_q: int, block_kv: int, *, strict: boo
   return bq, bkv
 
 
-def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, block_q, block_kv):
+def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, block_q, block_kv, interpret):
   b, sq, hq, d = q.shape
   skv = k.shape[1]
-  interpret = not _on_tpu()
   blocks = pallas_blocks(sq, skv, block_q, block_kv, strict=not interpret)
   if blocks is None:
     return xla_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
@@ -70,24 +69,27 @@ def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, 
 
 
 def _mesh_attention(q, k, v, q_segment_ids, kv_segment_ids, *, mesh, impl, causal, scale, block_q,
-                    block_kv):
+                    block_kv, interpret):
   names = mesh.axis_names
   size = mesh.shape.get("context", 1)
   batch_axes = tuple(a for a in ("data", "fsdp") if a in names)
   head_axis = "tensor" if "tensor" in names else None
   local_len = q.shape[1] // size
-  blocks = pallas_blocks(local_len, local_len, block_q, block_kv, strict=_on_tpu())
+  blocks = pallas_blocks(local_len, local_len, block_q, block_kv, strict=not interpret)
   local_impl = "pallas" if impl == "pallas" and blocks is not None else "xla"
   bq, bkv = blocks or (block_q, block_kv)
   return ring_attention(q, k, v, q_segment_ids, kv_segment_ids, mesh=mesh, causal=causal, scale=scale,
                         axis="context" if "context" in names else None, batch_axes=batch_axes,
                         head_axis=head_axis, impl=local_impl, block_q=bq, block_kv=bkv,
-                        interpret=not _on_tpu())
+                        interpret=interpret)
 
 
 def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool, impl: str = "auto",
-              scale: float | None = None, block_q: int = 512, block_kv: int = 512, mesh=None):
-  """Softmax attention over packed sequences; see the module docstring for `impl` and `mesh`."""
+              scale: float | None = None, block_q: int = 512, block_kv: int = 512, mesh=None,
+              interpret: bool | None = None):
+  """Softmax attention over packed sequences; see the module docstring for `impl` and `mesh`.
+  `interpret` (Pallas paths) defaults to "not running on a TPU"; ahead-of-time compiles for a TPU
+  topology from a CPU host pass False so the real Mosaic kernels are lowered."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -95,18 +97,21 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool,
   if impl == "auto":
     impl = "pallas" if _on_tpu() else "xla"
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  interpret = not _on_tpu() if interpret is None else interpret
   if mesh is None and impl == "pallas":
+    # Inside a shard_map the ambient axes are already manual: the call is local, leave it so.
     ambient = jax.sharding.get_abstract_mesh()
-    mesh = None if ambient is None or ambient.empty or ambient.size == 1 else ambient
+    if ambient is not None and not ambient.empty and ambient.size > 1 and not ambient.manual_axes:
+      mesh = ambient
   if mesh is not None and q.shape[1] == k.shape[1] and impl != "splash":
     return _mesh_attention(q, k, v, q_segment_ids, kv_segment_ids, mesh=mesh, impl=impl, causal=causal,
-                           scale=scale, block_q=block_q, block_kv=block_kv)
+                           scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
   if impl == "xla":
     return xla_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                          causal=causal, scale=scale)
   if impl == "pallas":
     return _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
-                             block_q=block_q, block_kv=block_kv)
+                             block_q=block_q, block_kv=block_kv, interpret=interpret)
   return splash_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                           causal=causal, scale=scale, block_q=block_q, block_kv=block_kv,
-                          interpret=not _on_tpu())
+                          interpret=interpret)

@@ -36,7 +36,7 @@ def compile_attention_step(mesh: Mesh, *, seq: int, q_heads: int, kv_heads: int,
   def local(q, k, v, segment_ids):
     def loss(q, k, v):
       out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                              causal=causal, impl=impl, block_q=block, block_kv=block)
+                              causal=causal, impl=impl, block_q=block, block_kv=block, interpret=False)
       return jnp.sum(out.astype(jnp.float32)), out
     grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
     return (out, *grads)

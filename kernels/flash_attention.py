@@ -36,6 +36,13 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
+
+def _dot(a, b, dims):
+  """fp32-accumulated matmul. The precision follows the operands (full for fp32, native for bf16)
+  rather than jax_default_matmul_precision, which Mosaic rejects for bf16 operands."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
 def _lane_rows(x):
   """(B, S) -> (B, S, 128): one value per row, broadcast along lanes."""
   return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
@@ -76,7 +83,7 @@ def _fwd_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_s
   @pl.when(t < kv_count_ref[b * num_q_blocks + i])
   def _visit():
     v = v_ref[...]
-    s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32) * scale
+    s = _dot(q_ref[...], k_ref[...], _NT) * scale
     mask = _visible(q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, causal)
     s = jnp.where(mask, s, MASK_VALUE)
     m_prev = m_scratch[...]                                            # (bq, 128)
@@ -85,7 +92,7 @@ def _fwd_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_s
     alpha = jnp.exp(m_prev - m_next)
     l_scratch[...] = alpha * l_scratch[...] + p.sum(axis=-1, keepdims=True)
     m_scratch[...] = m_next
-    pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+    pv = _dot(p.astype(v.dtype), v, _NN)
     acc_scratch[...] = alpha[:, :1] * acc_scratch[...] + pv
 
   @pl.when(t == pl.num_programs(3) - 1)
@@ -110,12 +117,12 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   @pl.when(t < kv_count_ref[b * num_q_blocks + i])
   def _visit():
     k = k_ref[...]
-    s = lax.dot_general(q_ref[...], k, _NT, preferred_element_type=jnp.float32) * scale
+    s = _dot(q_ref[...], k, _NT) * scale
     mask = _visible(q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, causal)
     p = jnp.where(mask, jnp.exp(s - _column(lse_ref)), 0.0)
-    dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
+    dp = _dot(do_ref[...], v_ref[...], _NT)
     ds = p * (dp - _column(delta_ref))
-    dq_scratch[...] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+    dq_scratch[...] += _dot(ds.astype(k.dtype), k, _NN)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
@@ -136,13 +143,13 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   @pl.when(t < q_count_ref[b * num_kv_blocks + j])
   def _visit():
     q, do = q_ref[...], do_ref[...]
-    s = lax.dot_general(q, k_ref[...], _NT, preferred_element_type=jnp.float32) * scale  # (bq, bkv)
+    s = _dot(q, k_ref[...], _NT) * scale  # (bq, bkv)
     mask = _visible(q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, causal)
     p = jnp.where(mask, jnp.exp(s - _column(lse_ref)), 0.0)
-    dv_scratch[...] += lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
-    dp = lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
+    dv_scratch[...] += _dot(p.astype(do.dtype), do, _TN)
+    dp = _dot(do, v_ref[...], _NT)
     ds = p * (dp - _column(delta_ref))
-    dk_scratch[...] += lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+    dk_scratch[...] += _dot(ds.astype(q.dtype), q, _TN)
 
   @pl.when((g == pl.num_programs(3) - 1) & (t == pl.num_programs(4) - 1))
   def _finish():
