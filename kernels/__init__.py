@@ -34,7 +34,11 @@ LANES, SUBLANES = 128, 8
 
 
 def _on_tpu() -> bool:
-  return jax.default_backend() == "tpu"
+  """Compiling for TPU: the platform of the mesh in context (ahead-of-time compiles for a TPU topology run
+  on a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else mesh.abstract_device
+  return (device.platform if device is not None else jax.default_backend()) == "tpu"
 
 
 def pallas_blocks(sq: int, skv: int, block_q: int, block_kv: int, *, strict: bool):

@@ -166,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  # `key=value` overrides may also follow options (`keye plan CONFIG --topology T model.remat=full`).
+  if extra:
+    if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+      args.overrides = list(args.overrides) + extra
+    else:
+      parser.error(f"unrecognized arguments: {' '.join(extra)}")
   try:
     return args.fn(args)
   except (ValueError, FileNotFoundError, KeyError) as e:
