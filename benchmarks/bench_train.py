@@ -66,8 +66,9 @@ def torch_matmul_peak(n=2048, repeats=5) -> float:
   return 2 * n ** 3 / min(time_steps(lambda: a @ a, repeats))
 
 
-def ours(steps: int) -> list[float]:
-  model = KeyeConfig(text=TEXT, vision=None, attention_impl="xla", scan_layers=True, remat="none")
+def ours(steps: int, scan: bool) -> list[float]:
+  # Unscanned by default: on the CPU the unrolled layers fuse better (2.27 vs 2.45 s/step measured).
+  model = KeyeConfig(text=TEXT, vision=None, attention_impl="xla", scan_layers=scan, remat="none")
   cfg = TrainConfig(model=model, data=DataConfig(seq_len=SEQ, batch_size=BATCH), steps=1000, loss_chunk=SEQ,
                     optimizer=OptimizerConfig(learning_rate=1e-4, weight_decay=0.0))
   b = {k: jnp.asarray(v) for k, v in batch_np().items()}
@@ -106,11 +107,12 @@ def pytorch(steps: int) -> list[float]:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--scan", action="store_true", help="scanned layer stack (default: unscanned)")
   args = p.parse_args()
   import torch
   flops = text_flops_per_step(KeyeConfig(text=TEXT, vision=None), BATCH, SEQ)
   peak_jax, peak_torch = jax_matmul_peak(), torch_matmul_peak()
-  ours_s = statistics.median(ours(args.steps))
+  ours_s = statistics.median(ours(args.steps, args.scan))
   torch_s = statistics.median(pytorch(args.steps))
   tokens = BATCH * SEQ
   result = {
