@@ -196,6 +196,22 @@ def _check_blocks(sq, skv, block_q, block_kv):
     raise ValueError(f"sequence lengths ({sq}, {skv}) must be multiples of the blocks ({block_q}, {block_kv})")
 
 
+
+def _query_walk(seq_major, block_q, block_kv, d, g, nq, nk):
+  """Block specs for the walk shared by the forward and dq kernels, grid (b, h, q block i, step t):
+  each query block visits the key blocks listed for it in the scalar-prefetched table. Returns the q
+  tile, the kv tile, and the index maps of per-row (q) and per-column (kv) side inputs."""
+
+  def kv_block(b_, i, t, kv_index):
+    return kv_index[(b_ * nq + i) * nk + t]
+
+  q_tile = _act_tile(seq_major, block_q, d, lambda b_, h, i, t, kv_index, kv_count: (b_, h, i))
+  kv_tile = _act_tile(seq_major, block_kv, d,
+                      lambda b_, h, i, t, kv_index, kv_count: (b_, h // g, kv_block(b_, i, t, kv_index)))
+  q_row_map = lambda b_, h, i, t, kv_index, kv_count: (b_, i, 0)
+  kv_col_map = lambda b_, h, i, t, kv_index, kv_count: (b_, 0, kv_block(b_, i, t, kv_index))
+  return q_tile, kv_tile, q_row_map, kv_col_map
+
 def flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
               scale: float, block_q: int, block_kv: int, interpret: bool = False, seq_major: bool = False):
   """(out like q, lse (B, Hq, Sq) float32). Heads-major (B, H, S, D) arrays, or with `seq_major` the
@@ -206,14 +222,7 @@ def flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
   tables = block_tables(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal,
                         block_q=block_q, block_kv=block_kv)
 
-  def kv_block(b_, i, t, kv_index):
-    return kv_index[(b_ * nq + i) * nk + t]
-
-  q_tile = _act_tile(seq_major, block_q, d, lambda b_, h, i, t, kv_index, kv_count: (b_, h, i))
-  kv_tile = _act_tile(seq_major, block_kv, d,
-                      lambda b_, h, i, t, kv_index, kv_count: (b_, h // g, kv_block(b_, i, t, kv_index)))
-  q_row_map = lambda b_, h, i, t, kv_index, kv_count: (b_, i, 0)
-  kv_col_map = lambda b_, h, i, t, kv_index, kv_count: (b_, 0, kv_block(b_, i, t, kv_index))
+  q_tile, kv_tile, q_row_map, kv_col_map = _query_walk(seq_major, block_q, block_kv, d, g, nq, nk)
   in_specs = [
       q_tile, kv_tile, kv_tile,
       pl.BlockSpec((None, block_q, LANES), q_row_map),
@@ -259,14 +268,7 @@ def flash_bwd(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
              _sublane_cols(kv_positions))
 
   # dq: the forward's walk (per query block, its key blocks).
-  def kv_block(b_, i, t, kv_index):
-    return kv_index[(b_ * nq + i) * nk + t]
-
-  q_tile = _act_tile(seq_major, block_q, d, lambda b_, h, i, t, kv_index, kv_count: (b_, h, i))
-  kv_tile = _act_tile(seq_major, block_kv, d,
-                      lambda b_, h, i, t, kv_index, kv_count: (b_, h // g, kv_block(b_, i, t, kv_index)))
-  q_row_map = lambda b_, h, i, t, kv_index, kv_count: (b_, i, 0)
-  kv_col_map = lambda b_, h, i, t, kv_index, kv_count: (b_, 0, kv_block(b_, i, t, kv_index))
+  q_tile, kv_tile, q_row_map, kv_col_map = _query_walk(seq_major, block_q, block_kv, d, g, nq, nk)
   stat_tile = pl.BlockSpec((None, None, SUBLANES, block_q), lambda b_, h, i, t, *_: (b_, h, 0, i))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, num_q_blocks=nq),
