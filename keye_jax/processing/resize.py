@@ -56,10 +56,18 @@ def aa_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 @functools.lru_cache(maxsize=64)
 def _band_plan(n_in: int, n_out: int):
-  """Blocks (out_start, out_end, in_start, in_end, weights (out, in)) and the pass's precision and dtype."""
+  """Blocks (out_start, out_end, in_start, in_end, weights (out, in), their transpose), the dtype, and
+  whether an output can exceed 255 (else the clip is skipped).
+
+  The int16 weights are stored times 2^-p: the products and sums stay exact (a power-of-two scale) and
+  come out as acc / 2^p, so (acc + 2^(p-1)) >> p is floor(result + 0.5) with no separate shift.
+  """
   first, count, w_int, precision = aa_weights(n_in, n_out)
-  largest = 255 * int(w_int.sum(axis=1).max()) + (1 << (precision - 1))   # every partial sum is below this
+  row_max = int(w_int.sum(axis=1).max())
+  largest = 255 * row_max + (1 << (precision - 1))       # every partial sum is below this
   dtype = np.float32 if largest <= (1 << 24) else np.float64
+  saturates = (largest >> precision) > 255
+  scale = 2.0 ** -precision
   blocks = []
   for s in range(0, n_out, _BLOCK):
     e = min(s + _BLOCK, n_out)
@@ -67,38 +75,40 @@ def _band_plan(n_in: int, n_out: int):
     hi = int((first[s:e] + count[s:e]).max())
     m = np.zeros((e - s, hi - lo), dtype)
     for o in range(s, e):
-      m[o - s, first[o] - lo:first[o] - lo + count[o]] = w_int[o, :count[o]]
+      m[o - s, first[o] - lo:first[o] - lo + count[o]] = w_int[o, :count[o]] * scale
     blocks.append((s, e, lo, hi, m, np.ascontiguousarray(m.T)))
-  return blocks, precision, dtype
+  return blocks, dtype, saturates
 
 
-def _round_shift(acc: np.ndarray, precision: int) -> np.ndarray:
-  """(acc + 2^(p-1)) >> p, clipped to [0, 255], in place on exact integer-valued floats."""
-  acc += 1 << (precision - 1)
-  acc *= 2.0 ** -precision
-  np.floor(acc, out=acc)
-  np.clip(acc, 0, 255, out=acc)
+def _round(acc: np.ndarray, saturates: bool, floor: bool) -> np.ndarray:
+  """acc + 0.5 (the rounding half of the shift), clipped to 255 when it can exceed it, floored when `floor`
+  (otherwise the caller's cast to uint8 truncates, which is the floor of these non-negative values)."""
+  acc += 0.5
+  if floor:
+    np.floor(acc, out=acc)
+  if saturates:
+    np.minimum(acc, 255, out=acc)
   return acc
 
 
-def _resize_width(x: np.ndarray, n_out: int) -> np.ndarray:
-  """(N, W) -> (N, n_out) integer-valued floats."""
-  blocks, precision, dtype = _band_plan(x.shape[1], n_out)
+def _resize_width(x: np.ndarray, n_out: int, floor: bool) -> np.ndarray:
+  """(N, W) -> (N, n_out) floats (integer-valued when `floor`). Weights are non-negative, so no clip at 0."""
+  blocks, dtype, saturates = _band_plan(x.shape[1], n_out)
   x = x.astype(dtype, copy=False)
   out = np.empty((x.shape[0], n_out), dtype)
   for s, e, lo, hi, _, m_t in blocks:
     out[:, s:e] = x[:, lo:hi] @ m_t
-  return _round_shift(out, precision)
+  return _round(out, saturates, floor)
 
 
-def _resize_height(x: np.ndarray, n_out: int) -> np.ndarray:
-  """(B, H, W) -> (B, n_out, W) integer-valued floats."""
-  blocks, precision, dtype = _band_plan(x.shape[1], n_out)
+def _resize_height(x: np.ndarray, n_out: int, floor: bool) -> np.ndarray:
+  """(B, H, W) -> (B, n_out, W) floats (integer-valued when `floor`)."""
+  blocks, dtype, saturates = _band_plan(x.shape[1], n_out)
   x = x.astype(dtype, copy=False)
   out = np.empty((x.shape[0], n_out, x.shape[2]), dtype)
   for s, e, lo, hi, m, _ in blocks:
     out[:, s:e] = m @ x[:, lo:hi]
-  return _round_shift(out, precision)
+  return _round(out, saturates, floor)
 
 
 def resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -111,8 +121,8 @@ def resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
     return planes.copy()
   x = planes.reshape(-1, h, w)
   with _blas().limit(limits=1, user_api="blas"):
-    if w != width:
-      x = _resize_width(x.reshape(-1, w), width).reshape(-1, h, width)
+    if w != width:                      # floored only when the height pass follows
+      x = _resize_width(x.reshape(-1, w), width, floor=h != height).reshape(-1, h, width)
     if h != height:
-      x = _resize_height(x, height)
-  return x.astype(np.uint8).reshape(*lead, height, width)
+      x = _resize_height(x, height, floor=False)
+  return x.astype(np.uint8).reshape(*lead, height, width)   # truncation: the floor of values >= 0
