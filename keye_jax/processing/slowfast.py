@@ -40,12 +40,15 @@ def _patch_sums(x: np.ndarray) -> np.ndarray:
   return rows.astype(np.float64).reshape(m, c, h // PATCH, w // PATCH, PATCH).sum(axis=(1, 4))
 
 
-def frame_features(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def frame_features(frames: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """(m, 3, H, W) uint8 RGB -> HSV at the classification size (m, 3, h, w) uint8 and per-patch squared
-  norms (m, h/28, w/28) float64 (exact integers). One frame at a time keeps the temporaries in cache."""
+  norms (m, h/28, w/28) float64 (exact integers), written into `out` when given. One frame at a time keeps
+  the temporaries in cache."""
   h, w = classification_size(*frames.shape[-2:])
-  hsv = np.empty((len(frames), 3, h, w), np.uint8)
-  sq = np.empty((len(frames), h // PATCH, w // PATCH), np.float64)
+  if out is None:
+    out = (np.empty((len(frames), 3, h, w), np.uint8), np.empty((len(frames), h // PATCH, w // PATCH)))
+  hsv, sq = out
   for i, frame in enumerate(frames):
     hsv[i] = rgb_to_hsv(resize_planes(frame, h, w))
     v = hsv[i].astype(np.float32)

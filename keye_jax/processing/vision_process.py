@@ -13,6 +13,7 @@ import base64
 import collections
 import concurrent.futures
 import io
+import itertools
 import os
 
 import numpy as np
@@ -72,7 +73,9 @@ def load_image(image) -> Image.Image:
         obj = Image.open(path)
     else:
       raise MediaError(image, "unrecognised image input: use a path, URL, bytes, PIL image or uint8 array")
-    return obj.convert("RGB")
+    obj.load()                                   # decode errors surface here, as a MediaError
+    # convert("RGB") of an RGB image is a plain copy; resizing makes a new image anyway, so skip it.
+    return obj if obj.mode == "RGB" else obj.convert("RGB")
   except MediaError:
     raise
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -94,16 +97,8 @@ def fetch_image(ele: dict, size_factor: int = IMAGE_FACTOR, is_video: bool = Fal
   return image.resize((width, height))
 
 
-def _image_planes(image: Image.Image) -> np.ndarray:
-  """RGB PIL image -> (3, H, W) uint8 planes."""
-  return np.stack([np.asarray(band) for band in image.split()])
-
-
 # --------------------------------------------------------------------------------------------------
 # Videos.
-
-
-_BATCH = 8
 
 
 def _workers() -> int:
@@ -155,29 +150,41 @@ def _video_from_list(ele: dict, image_factor: int):
   timestamps = (np.float64(1.0 / fps) * idx).astype(np.float32) if fps else None
   unique = np.unique(idx)
 
-  def load(i):
-    item = items[i]
+  def load(k):
+    item = items[unique[k]]
     element = item if isinstance(item, dict) else {"image": item, **info}
-    return _image_planes(fetch_image(element, size_factor=image_factor, is_video=True))
+    return fetch_image(element, size_factor=image_factor, is_video=True)
 
-  # Frames load (Pillow resizes without the GIL) and get their classification features in batches on a
-  # thread pool, straight into one preallocated array.
-  first = load(unique[0])
-  frames = np.empty((len(unique),) + first.shape, np.uint8)
-  frames[0] = first
+  # Each frame is loaded and resized (Pillow, without the GIL), split into planes straight into one
+  # preallocated array and gets its classification features while it is still in cache. Worker threads take
+  # frames one at a time, so a thread slowed down by other load holds up at most one frame.
+  first = load(0)
+  width, height = first.size
+  frames = np.empty((len(unique), 3, height, width), np.uint8)
+  ch, cw = slowfast.classification_size(height, width)
+  hsv = np.empty((len(unique), 3, ch, cw), np.uint8)
+  sq = np.empty((len(unique), ch // slowfast.PATCH, cw // slowfast.PATCH), np.float64)
 
-  def work(start):
-    for k in range(max(start, 1), min(start + _BATCH, len(unique))):
-      planes = load(unique[k])
-      if planes.shape != first.shape:
-        raise MediaError("<frame list>", f"frames resize to different sizes {first.shape} and {planes.shape}")
-      frames[k] = planes
-    return slowfast.frame_features(frames[start:start + _BATCH])
+  def finish(k, image):
+    if image.size != (width, height):
+      raise MediaError("<frame list>", f"frames resize to different sizes {(width, height)} and {image.size}")
+    for c, band in enumerate(image.split()):
+      frames[k, c] = np.asarray(band)
+    slowfast.frame_features(frames[k:k + 1], out=(hsv[k:k + 1], sq[k:k + 1]))
+
+  todo = itertools.count(1)
+
+  def work():
+    for k in todo:                                   # next() on a count is atomic under the GIL
+      if k >= len(unique):
+        return
+      finish(k, load(k))
 
   with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
-    feats = list(pool.map(work, range(0, len(unique), _BATCH)))
-  hsv = np.concatenate([f[0] for f in feats])
-  sq = np.concatenate([f[1] for f in feats])
+    running = [pool.submit(work) for _ in range(min(_workers(), len(unique) - 1))]
+    finish(0, first)
+    for r in running:
+      r.result()
   if len(unique) != len(idx):                         # repeated frames (fewer frames than samples)
     pos = np.searchsorted(unique, idx)
     frames, hsv, sq = frames[pos], hsv[pos], sq[pos]
