@@ -69,31 +69,48 @@ def _similarities(key: np.ndarray, key_sq: np.ndarray, run: np.ndarray, run_sq: 
     return count / n_valid                        # float32 division, as torch's mean
 
 
-def classify(hsv: np.ndarray, sq_norms: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY) -> np.ndarray:
-  """Frame types (T,) int32, 0 = slow, 1 = fast, from `frame_features` of all frames in order.
+class Classifier:
+  """Frame types (T,) int32, 0 = slow, 1 = fast, from `frame_features` of all frames in order, worked out
+  while the features still arrive: `advance(n)` once the features of frames [0, n) are in `hsv` / `sq_norms`
+  (preallocated, filled by the caller), `advance(T, final=True)` at the end; then `types` holds the result.
 
   The key frame is compared with a run of following frames at once; the run grows while frames stay fast
-  and shrinks after a cut, so the work stays near one comparison per frame.
+  and shrinks after a cut, so the work stays near one comparison per frame. A run waits until all its
+  frames are there, so the work is the same however the features arrive.
   """
-  n = len(hsv)
-  types = np.ones(n, np.int32)
-  if n == 0:
-    return types
-  types[0] = 0
-  key, pos, run = 0, 1, 4
-  while pos < n:
-    end = min(pos + run, n)
-    sim = _similarities(hsv[key], sq_norms[key], hsv[pos:end], sq_norms[pos:end])
-    slow = np.flatnonzero(sim.astype(np.float64) < threshold)     # NaN compares False: fast
-    if len(slow):
-      key = pos + int(slow[0])
-      types[key] = 0
-      pos = key + 1
-      run = max(2, min(run, 2 * (int(slow[0]) + 1)))
-    else:
-      pos = end
-      run = min(2 * run, 16)
-  return types
+
+  def __init__(self, hsv: np.ndarray, sq_norms: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY):
+    self.hsv, self.sq_norms, self.threshold = hsv, sq_norms, threshold
+    self.types = np.ones(len(hsv), np.int32)
+    if len(hsv):
+      self.types[0] = 0
+    self.key, self.pos, self.run = 0, 1, 4
+
+  def advance(self, available: int, final: bool = False) -> None:
+    n = len(self.hsv)
+    while self.pos < min(available, n):
+      end = min(self.pos + self.run, n)
+      if end > available and not final:
+        return
+      end = min(end, available)
+      key, pos = self.key, self.pos
+      sim = _similarities(self.hsv[key], self.sq_norms[key], self.hsv[pos:end], self.sq_norms[pos:end])
+      slow = np.flatnonzero(sim.astype(np.float64) < self.threshold)     # NaN compares False: fast
+      if len(slow):
+        self.key = pos + int(slow[0])
+        self.types[self.key] = 0
+        self.pos = self.key + 1
+        self.run = max(2, min(self.run, 2 * (int(slow[0]) + 1)))
+      else:
+        self.pos = end
+        self.run = min(2 * self.run, 16)
+
+
+def classify(hsv: np.ndarray, sq_norms: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY) -> np.ndarray:
+  """Frame types (T,) int32, 0 = slow, 1 = fast, from `frame_features` of all frames in order."""
+  c = Classifier(hsv, sq_norms, threshold)
+  c.advance(len(hsv), final=True)
+  return c.types
 
 
 def extract_slow_fast_frames(frames: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY,

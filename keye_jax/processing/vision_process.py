@@ -15,6 +15,7 @@ import concurrent.futures
 import io
 import itertools
 import os
+import threading
 
 import numpy as np
 from PIL import Image
@@ -123,16 +124,29 @@ def _video_from_file(ele: dict):
   idx = sample_indices(len(pts), nframes)
   timestamps = (times[idx] - times[0]).astype(np.float32)
 
-  # Classification features are computed on a worker thread while the decoder goes on.
-  features = []
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+  # Classification features, and the classification itself as far as it can go, are worked out on a worker
+  # thread while the decoder goes on.
+  n = len(idx)
+  ch, cw = slowfast.classification_size(info.height, info.width)
+  hsv = np.empty((n, 3, ch, cw), np.uint8)
+  sq = np.empty((n, ch // slowfast.PATCH, cw // slowfast.PATCH), np.float64)
+  classifier = slowfast.Classifier(hsv, sq, ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
+
+  def features(start, batch):
+    end = start + len(batch)
+    slowfast.frame_features(batch, out=(hsv[start:end], sq[start:end]))
+    classifier.advance(end)
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:        # one thread: batches in order
+    pending = []
+
     def on_batch(start, batch):
-      features.append((start, pool.submit(slowfast.frame_features, batch)))
+      pending.append(pool.submit(features, start, batch))
     frames = video_reader.read_frames(source, info, pts[idx], on_batch=on_batch)
-    feats = [f.result() for _, f in sorted(features, key=lambda x: x[0])]
-  hsv = np.concatenate([f[0] for f in feats])
-  sq = np.concatenate([f[1] for f in feats])
-  types = slowfast.classify(hsv, sq, ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
+    for f in pending:
+      f.result()
+  classifier.advance(n, final=True)
+  types = classifier.types
   return frames, timestamps, types
 
 
@@ -173,22 +187,44 @@ def _video_from_list(ele: dict, image_factor: int):
     slowfast.frame_features(frames[k:k + 1], out=(hsv[k:k + 1], sq[k:k + 1]))
 
   todo = itertools.count(1)
+  ready = [threading.Event() for _ in range(len(unique))]
+  failed = []
 
   def work():
-    for k in todo:                                   # next() on a count is atomic under the GIL
-      if k >= len(unique):
-        return
-      finish(k, load(k))
+    try:
+      for k in todo:                                 # next() on a count is atomic under the GIL
+        if k >= len(unique):
+          return
+        finish(k, load(k))
+        ready[k].set()
+    except BaseException:
+      failed.append(True)
+      for e in ready:                                # wake the main thread, which then raises
+        e.set()
+      raise
 
+  # The main thread classifies frames in order as they get ready (the classification is sequential).
+  threshold = ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY)
+  in_order = len(unique) == len(idx)
+  classifier = slowfast.Classifier(hsv, sq, threshold) if in_order else None
   with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
     running = [pool.submit(work) for _ in range(min(_workers(), len(unique) - 1))]
     finish(0, first)
+    if classifier is not None:
+      for k in range(1, len(unique)):
+        ready[k].wait()
+        if failed:
+          break
+        classifier.advance(k + 1)
     for r in running:
       r.result()
-  if len(unique) != len(idx):                         # repeated frames (fewer frames than samples)
+  if in_order:
+    classifier.advance(len(idx), final=True)
+    types = classifier.types
+  else:                                               # repeated frames (fewer frames than samples)
     pos = np.searchsorted(unique, idx)
     frames, hsv, sq = frames[pos], hsv[pos], sq[pos]
-  types = slowfast.classify(hsv, sq, ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
+    types = slowfast.classify(hsv, sq, threshold)
   return frames, timestamps, types
 
 
