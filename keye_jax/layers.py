@@ -15,6 +15,24 @@ from keye_jax.sharding import constrain
 _init = jax.nn.initializers.normal(stddev=0.02)
 
 
+def _compiling_for_cpu() -> bool:
+  """The platform of the mesh in context (ahead-of-time compiles for a TPU run on a CPU host), else the
+  default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else mesh.abstract_device
+  return (device.platform if device is not None else jax.default_backend()) == "cpu"
+
+
+def rows_matmul(x, w, **kw):
+  """x (..., K) @ w (K, N). On the CPU the leading dims are flattened into one row dim first: XLA CPU
+  computes the weight gradient of a matmul over (batch, length) by writing a transposed copy of the
+  output gradient, while over one row dim it is a single plain matmul (the CPU training step is ~15%
+  faster). Elsewhere the leading dims stay separate so batch and length shard independently."""
+  if x.ndim <= 2 or not _compiling_for_cpu():
+    return jnp.dot(x, w, **kw)
+  return jnp.dot(x.reshape(-1, x.shape[-1]), w, **kw).reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Dense(nnx.Module):
   """y = x @ kernel (+ bias). kernel (in, out), stored like HF's weight transposed."""
 
@@ -25,7 +43,7 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = rows_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
