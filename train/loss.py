@@ -41,7 +41,6 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
   hs = h_bsd.reshape(b, s // n, n, d).transpose(2, 0, 1, 3)
   ts = targets_bs.reshape(b, s // n, n).transpose(2, 0, 1)
 
-  @jax.checkpoint
   def one(h, t):
     logits = jnp.dot(h, kernel_dv.astype(h.dtype), preferred_element_type=jnp.float32)  # (B, S/n, V)
     logits = constrain(logits, ("batch", "length", "act_vocab"))
@@ -49,7 +48,11 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
     target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     return lse - target_logit + z_loss * jnp.square(lse)
 
-  out = jax.lax.map(lambda xs: one(*xs), (hs, ts))  # (n, B, S/n)
+  if n == 1:
+    # One chunk holds all the logits: recomputing them in the backward would cost a vocabulary-sized
+    # matmul and save no memory.
+    return one(h_bsd, targets_bs)
+  out = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (hs, ts))  # (n, B, S/n)
   return out.transpose(1, 2, 0).reshape(b, s)
 
 
