@@ -6,8 +6,8 @@ Attention: GQA, per-head RMSNorm on q and k before M-RoPE, no biases, causal wit
 Two ways through it:
   training / prefill  `__call__(embeds, position_ids, segment_ids)` on whole sequences; prefill also
                       returns every layer's K/V to fill a cache;
-  decoding            `decode(embeds, position_ids, cache)`: a few new tokens attend to a preallocated
-                      cache (B, T, Hkv, hd) per layer, which is updated and returned.
+  decoding            `decode(embeds, position_ids, cache)`: one new token per row attends to a
+                      preallocated cache (B, Hkv, T, hd) per layer, which is updated and returned.
 """
 
 from __future__ import annotations
@@ -65,22 +65,21 @@ class Attention(nnx.Module):
 def decode_attention(q_bshd, k_new, v_new, k_cache, v_cache, cache_segment_ids):
   """Few new queries against a read-only cache plus their own keys, merged in one softmax.
 
-  q (B, s, Hq, D); k_new, v_new (B, s, Hkv, D); k_cache, v_cache (B, T, Hkv, D); cache_segment_ids (B, T)
-  with 0 = empty slot. Keeping the cache read-only is what lets decoding update it in place: reading it
-  is the unavoidable cost of a step, copying it would double that.
+  q (B, s, Hq, D); k_new, v_new (B, s, Hkv, D); k_cache, v_cache (B, Hkv, T, D); cache_segment_ids (B, T)
+  with 0 = empty slot. The new tokens' own keys are not in the cache yet (see `Decoder.decode`).
   """
   b, s, hq, d = q_bshd.shape
-  hkv = k_cache.shape[2]
+  hkv = k_cache.shape[1]
   qg = q_bshd.reshape(b, s, hkv, hq // hkv, d)
   scale = d ** -0.5
-  old = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_cache.astype(q_bshd.dtype), preferred_element_type=jnp.float32)
+  old = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k_cache.astype(q_bshd.dtype), preferred_element_type=jnp.float32)
   old = jnp.where((cache_segment_ids != 0)[:, None, None, None, :], old * scale, -1e30)
   new = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_new, preferred_element_type=jnp.float32) * scale
   new = jnp.where(jnp.tril(jnp.ones((s, s), bool)), new, -1e30)
   m = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
   p_old, p_new = jnp.exp(old - m), jnp.exp(new - m)
   denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-  out = (jnp.einsum("bhgqk,bkhd->bqhgd", (p_old / denom).astype(v_cache.dtype), v_cache,
+  out = (jnp.einsum("bhgqk,bhkd->bqhgd", (p_old / denom).astype(v_cache.dtype), v_cache,
                     preferred_element_type=jnp.float32)
          + jnp.einsum("bhgqk,bkhd->bqhgd", (p_new / denom).astype(v_new.dtype), v_new,
                       preferred_element_type=jnp.float32))
@@ -168,12 +167,16 @@ class Decoder(nnx.Module):
   # ---- decoding with a preallocated cache -------------------------------------------------------
 
   def init_cache(self, batch: int, length: int, dtype=None) -> dict:
-    """Zeroed cache: k, v (L, B, T, Hkv, hd), segment ids (B, T) (0 = empty slot), next index."""
+    """Zeroed cache: k, v (L, B, Hkv, T, hd), segment ids (B, T) (0 = empty slot), next index, and the
+    latest step's K/V (L, B, 1, Hkv, hd) still to be written at slot `pending_at` (see `decode`).
+    Head-major, so a step's attention reads each head's keys and values where they lie (no transposes)."""
     t = self.cfg
     dtype = dtype or self.embed.dtype
-    shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+    shape = (t.num_layers, batch, t.num_kv_heads, length, t.head_dim)
+    pending = jnp.zeros((t.num_layers, batch, 1, t.num_kv_heads, t.head_dim), dtype)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+                segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32),
+                pending_k=pending, pending_v=pending, pending_at=jnp.zeros((), jnp.int32))
 
   def prefill(self, embeds_bsd, position_ids_3bs, segment_ids_bs, cache: dict):
     """Runs the prompt (left-padded: segment id 0 on padding) and writes its K/V into the cache slots
@@ -181,24 +184,39 @@ class Decoder(nnx.Module):
     s = embeds_bsd.shape[1]
     h, (k, v) = self.hidden_states(embeds_bsd, position_ids_3bs, segment_ids_bs, return_kv=True)
     cache = dict(
-        k=jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0, 0)),
-        v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, 0, 0, 0)),
+        cache,
+        k=jax.lax.dynamic_update_slice(cache["k"], _heads_major(k, cache["k"].dtype), (0, 0, 0, 0, 0)),
+        v=jax.lax.dynamic_update_slice(cache["v"], _heads_major(v, cache["v"].dtype), (0, 0, 0, 0, 0)),
         segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bs.astype(jnp.int32), (0, 0)),
-        index=jnp.asarray(s, jnp.int32))
+        index=jnp.asarray(s, jnp.int32),
+        # Nothing pending: zeros "written" to the next slot, still empty (segment 0) until decode fills it.
+        pending_k=jnp.zeros_like(cache["pending_k"]), pending_v=jnp.zeros_like(cache["pending_v"]),
+        pending_at=jnp.asarray(s, jnp.int32))
     return h, cache
 
   def decode(self, embeds_bsd, position_ids_3bs, cache: dict):
-    """New tokens (B, s) at cache slots index..index+s-1. Returns (hidden (B, s, D), cache)."""
+    """One new token per row (B, 1) at cache slot `index`. Returns (hidden (B, 1, D), cache).
+
+    The step's own K/V are attended directly and left pending; the next step writes them first. Writing
+    before any read is what lets XLA update the cache in place: written after the reads (the last
+    layer's K/V do not depend on its own read), it would copy the whole cache every step.
+    """
     b, s, _ = embeds_bsd.shape
-    index = cache["index"]
+    if s != cache["pending_k"].shape[2]:
+      raise ValueError(f"decode takes {cache['pending_k'].shape[2]} new token(s) per call, got {s}")
+    index, at = cache["index"], (0, 0, 0, cache["pending_at"], 0)
+    k_cache = jax.lax.dynamic_update_slice(cache["k"], _heads_major(cache["pending_k"], cache["k"].dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(cache["v"], _heads_major(cache["pending_v"], cache["v"].dtype), at)
+    segment_ids = cache["segment_ids"]  # the pending slot is already marked (below, last step)
     cos, sin = self._cos_sin(position_ids_3bs)
-    h, (k, v) = self.layers(embeds_bsd, (cache["k"], cache["v"]), cos=cos, sin=sin, segment_ids=None,
-                            kv_segment_ids=cache["segment_ids"], return_kv=True)
-    # One in-place write of every layer's new K/V: (L, B, s, Hkv, hd) at slot `index`.
-    at = (0, 0, index, 0, 0)
-    cache = dict(k=jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
-                 v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
-                 segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], jnp.ones((b, s), jnp.int32),
-                                                          (0, index)),
-                 index=index + s)
+    h, (k, v) = self.layers(embeds_bsd, (k_cache, v_cache), cos=cos, sin=sin, segment_ids=None,
+                            kv_segment_ids=segment_ids, return_kv=True)
+    cache = dict(k=k_cache, v=v_cache, index=index + s, pending_k=k.astype(k_cache.dtype),
+                 pending_v=v.astype(v_cache.dtype), pending_at=index,
+                 segment_ids=jax.lax.dynamic_update_slice(segment_ids, jnp.ones((b, s), jnp.int32), (0, index)))
     return self.norm(h), cache
+
+
+def _heads_major(kv_lbshd, dtype):
+  """(L, B, S, Hkv, hd) -> the cache's (L, B, Hkv, S, hd)."""
+  return jnp.swapaxes(kv_lbshd, 2, 3).astype(dtype)

@@ -371,7 +371,7 @@ class _TextWatcher:
 
 
 def _constrain_cache(cache: dict) -> dict:
-  kv = ("layers", "batch", None, "act_heads", None)
+  kv = ("layers", "batch", "act_heads", None, None)
   return dict(cache, k=constrain(cache["k"], kv), v=constrain(cache["v"], kv),
               segment_ids=constrain(cache["segment_ids"], ("batch", None)))
 
