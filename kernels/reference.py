@@ -6,6 +6,8 @@ kv head j serves query heads j*G .. j*G+G-1). Segment ids (B, S) int32, 0 = padd
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +24,47 @@ def attention_mask(q_segment_ids, kv_segment_ids, causal: bool, sq: int, skv: in
   return mask
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_attention(qh, kh, vh, mask, scale):
+  """softmax(scale * qh kh^T) vh with fp32 statistics: qh (B, H, G*Tq, D), kh, vh (B, H, Skv, D), mask
+  broadcasting against (B, H, G, Tq, Skv). Rows with no visible key (padding queries) give zeros.
+
+  The gradient is written out so that every matmul, forward and backward, is a batched product over
+  rows or keys with only (rows, D) operands ever transposed: the generic gradient contracts over
+  (G, Tq) and makes XLA CPU copy the (Tq, Skv) probabilities transposed, several times per layer."""
+  return _grouped_attention_fwd(qh, kh, vh, mask, scale)[0]
+
+
+def _grouped_attention_fwd(qh, kh, vh, mask, scale):
+  b, h, m, _ = qh.shape
+  tq, skv = mask.shape[-2:]
+  s = jnp.einsum("bhmd,bhkd->bhmk", qh, kh, preferred_element_type=jnp.float32)
+  s = s.reshape(b, h, m // tq, tq, skv) * scale
+  row_max = jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1, keepdims=True)
+  e = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0)), 0.0)
+  l = e.sum(-1, keepdims=True)
+  p = (e * jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)).reshape(b, h, m, skv)
+  out = jnp.einsum("bhmk,bhkd->bhmd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+  return out, (qh, kh, vh, p, out)
+
+
+def _grouped_attention_bwd(scale, res, d_out):
+  qh, kh, vh, p, out = res
+  delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
+  dp = jnp.einsum("bhmd,bhkd->bhmk", d_out.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+  ds = p * (dp - delta)
+  dq = jnp.einsum("bhmk,bhkd->bhmd", ds.astype(kh.dtype), kh, preferred_element_type=jnp.float32) * scale
+  # Key and value gradients as (D, Skv) = (D, rows) @ (rows, Skv), then transposed (small).
+  dk = jnp.einsum("bhdm,bhmk->bhdk", qh.swapaxes(2, 3), ds.astype(qh.dtype),
+                  preferred_element_type=jnp.float32) * scale
+  dv = jnp.einsum("bhdm,bhmk->bhdk", d_out.astype(vh.dtype).swapaxes(2, 3), p.astype(vh.dtype),
+                  preferred_element_type=jnp.float32)
+  return (dq.astype(qh.dtype), dk.swapaxes(2, 3).astype(kh.dtype), dv.swapaxes(2, 3).astype(vh.dtype), None)
+
+
+_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
+
+
 def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool, scale=None,
                   block_q: int = 512):
   """Softmax attention in fp32 statistics. Long query sequences are processed in blocks of
@@ -35,23 +78,21 @@ def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: b
   g = hq // hkv
   scale = d ** -0.5 if scale is None else scale
 
+  # Heads-major, each kv head's G query heads stacked along the rows: q (B, Hkv, G*Tq, D) against
+  # k, v (B, Hkv, Skv, D), so repeated K/V are never materialised and every matmul is a plain batched one.
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
   def block(q_blk, q_seg_blk, q_offset):
-    # q_blk (B, Tq, Hq, D) -> (B, Tq, Hkv, G, D) so repeated K/V are never materialised.
     tq = q_blk.shape[1]
-    qg = q_blk.reshape(b, tq, hkv, g, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    qh = q_blk.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)
     mask = jnp.ones((1, tq, skv), dtype=bool)
     if q_seg_blk is not None:
       mask = (q_seg_blk[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
     if causal:
       q_pos = q_offset + jnp.arange(tq)[:, None] + (skv - sq)
       mask = mask & (q_pos >= jnp.arange(skv)[None, :])[None]
-    logits = jnp.where(mask[:, None, None], logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1)
-    # Rows with no visible key (padding queries) give zeros, not a uniform average.
-    probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, tq, hq, d).astype(q.dtype)
+    out = _grouped_attention(qh, kh, vh, mask[:, None, None], scale)  # (B, Hkv, G*Tq, D)
+    return out.reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d).astype(q.dtype)
 
   if sq <= block_q or sq % block_q:
     return block(q, q_segment_ids, 0)
