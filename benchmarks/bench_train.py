@@ -1,5 +1,6 @@
 """Decoder training throughput: our jitted step against transformers' Qwen3 + torch AdamW, on the CPU,
-in the same process, plus a measured fp32 matmul peak for each framework and both sides' MFU.
+in the same process, plus a measured fp32 matmul peak for each framework (a 2048^2 square, which the MFU
+figures divide by, and each of the step's own matmul shapes) and both sides' MFU.
 
   .venv/bin/python benchmarks/bench_train.py [--steps N]
 
@@ -54,16 +55,36 @@ def time_steps(fn, steps: int, warmup: int = 2) -> list[float]:
   return out
 
 
-def jax_matmul_peak(n=2048, repeats=5) -> float:
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  return 2 * n ** 3 / min(time_steps(lambda: f(a).block_until_ready(), repeats))
+# The step's own matmul shapes (rows = batch x seq): forward x @ W, input gradient dy @ W^T and weight
+# gradient x^T @ dy of the MLP and of the lm_head, beside the square peak the MFU figures divide by.
+STEP_MATMULS = {
+    "mlp x@W [2048,512]x[512,1536]": ((2048, 512), (512, 1536), "nn"),
+    "mlp dy@W^T [2048,1536]x[1536,512]": ((2048, 1536), (512, 1536), "nt"),
+    "mlp x^T@dy [512,2048]x[2048,1536]": ((2048, 512), (2048, 1536), "tn"),
+    "lm_head x@W [2048,512]x[512,8192]": ((2048, 512), (512, 8192), "nn"),
+    "lm_head dy@W^T [2048,8192]x[8192,512]": ((2048, 8192), (512, 8192), "nt"),
+    "lm_head x^T@dy [512,2048]x[2048,8192]": ((2048, 512), (2048, 8192), "tn"),
+}
+_FORMS = {"nn": lambda x, y: x @ y, "nt": lambda x, y: x @ y.T, "tn": lambda x, y: x.T @ y}
 
 
-def torch_matmul_peak(n=2048, repeats=5) -> float:
+def _matmul_flops(a_shape, b_shape, form) -> int:
+  m, k = a_shape[::-1] if form == "tn" else a_shape
+  n = b_shape[0] if form == "nt" else b_shape[1]
+  return 2 * m * k * n
+
+
+def jax_matmul_peak(a_shape=(2048, 2048), b_shape=(2048, 2048), form="nn", repeats=5) -> float:
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (a_shape, b_shape))
+  f = jax.jit(_FORMS[form])
+  return _matmul_flops(a_shape, b_shape, form) / min(time_steps(lambda: f(a, b).block_until_ready(), repeats))
+
+
+def torch_matmul_peak(a_shape=(2048, 2048), b_shape=(2048, 2048), form="nn", repeats=5) -> float:
   import torch
-  a = torch.randn(n, n)
-  return 2 * n ** 3 / min(time_steps(lambda: a @ a, repeats))
+  a, b = torch.randn(*a_shape), torch.randn(*b_shape)
+  return _matmul_flops(a_shape, b_shape, form) / min(time_steps(lambda: _FORMS[form](a, b), repeats))
 
 
 def ours(steps: int, scan: bool) -> list[float]:
@@ -125,6 +146,8 @@ def main():
       "pytorch_mfu_of_torch_peak": round(flops / torch_s / peak_torch, 3),
       "ours_mfu_of_best_peak": round(flops / ours_s / max(peak_jax, peak_torch), 3),
       "torch_threads": torch.get_num_threads(),
+      "step_matmul_gflops_jax_torch": {k: [round(jax_matmul_peak(*v) / 1e9, 1), round(torch_matmul_peak(*v) / 1e9, 1)]
+                                       for k, v in STEP_MATMULS.items()},
   }
   for k, v in result.items():
     print(f"{k:>28}: {v}", file=sys.stderr)
