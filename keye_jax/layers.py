@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from keye_jax.sharding import constrain
+from keye_jax.sharding import embedding_lookup
 
 _init = jax.nn.initializers.normal(stddev=0.02)
 
@@ -57,10 +57,7 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, ids):
-    # Gather the embed dim (FSDP) first: a lookup into a table sharded on both dims makes XLA
-    # replicate the whole output and re-partition it.
-    table = constrain(self.embedding[...], ("vocab", None))
-    return jnp.take(table, ids, axis=0).astype(self.dtype)
+    return embedding_lookup(self.embedding[...], ids, self.dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -8,6 +8,7 @@ never names mesh axes itself and never writes collectives: XLA's SPMD partitione
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -29,6 +30,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    # Vocabulary-sized work (embedding lookup, loss) is split over every axis the parameters are
+    # split across, with the tokens gathered over those axes: no device ever holds a whole table.
+    ("batch_replicas", "data"),
+    ("param_shards", ("fsdp", "context", "tensor")),
 )
 
 
@@ -55,6 +60,33 @@ def constrain(x, names, rules=DEFAULT_RULES):
   if mesh is None or mesh.empty or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh.axis_names))
+
+
+def embedding_lookup(table_vd, ids_bs, dtype):
+  """table[ids] as `dtype` (B, S, D), laid out like the activations ("batch", "length", "act_embed"),
+  without gathering the vocabulary-sized table: the ids are gathered instead, every device looks up all
+  tokens in its slice of dims (split over the parameter axes), then all-to-alls give each device its
+  own tokens' full rows. The gradient is scattered into the slice alone. The all-to-alls move one
+  mesh axis at a time: asked to move several at once, XLA gathers the whole (B, S, D) instead.
+  (A table split on both dims would make XLA replicate the whole output.)"""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1 or ids_bs.ndim != 2:
+    return jnp.take(table_vd, ids_bs, axis=0).astype(dtype)
+  big = lambda a: a in mesh.axis_names and mesh.shape[a] > 1
+  dims = [a for a in ("fsdp", "context", "tensor") if big(a)]
+  batch, length = ["data"] if big("data") else [], None
+  spec = lambda: P(tuple(batch) or None, length, tuple(dims) or None)
+  table = jax.lax.with_sharding_constraint(table_vd, P(None, tuple(dims) or None))
+  ids = jax.lax.with_sharding_constraint(ids_bs, P(tuple(batch) or None, None))
+  rows = jax.lax.with_sharding_constraint(jnp.take(table, ids, axis=0).astype(dtype), spec())
+  for a in list(dims):
+    dims.remove(a)
+    if a == "fsdp":
+      batch.append(a)
+    elif a == "context":
+      length = a
+    rows = jax.lax.with_sharding_constraint(rows, spec())
+  return constrain(rows, ("batch", "length", "act_embed"))
 
 
 def param_specs(state, rules=DEFAULT_RULES, mesh_axes=None):

@@ -3,7 +3,8 @@
 Full-vocabulary fp32 logits for a whole batch never exist: positions are split into `n` strided chunks
 (chunk j holds positions j, j+n, j+2n, ...; strided so that a sequence sharded over the `context` axis
 stays sharded inside every chunk), and each chunk's logits are recomputed in the backward pass
-(`jax.checkpoint`), so at most one chunk of logits is live.
+(`jax.checkpoint`), so at most one chunk of logits is live. Over a mesh each chunk's logits are split by
+vocabulary (see `chunked_token_losses`).
 
 Targets: position t predicts input_ids[t+1] when loss_mask[t+1] and t, t+1 are in the same segment.
 """
@@ -41,12 +42,22 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
   hs = h_bsd.reshape(b, s // n, n, d).transpose(2, 0, 1, 3)
   ts = targets_bs.reshape(b, s // n, n).transpose(2, 0, 1)
 
+  # Vocabulary-parallel: the kernel is split on its vocab dim over the axes parameters are split across
+  # (a cheap all-to-all of a shard, done once) and each chunk's tokens are gathered over those axes.
+  # Every device computes all gathered tokens' logits for its slice of the vocabulary, so no device
+  # holds the whole (D, V) kernel or its gradient, which is accumulated in the slice alone.
+  kernel_dv = constrain(kernel_dv.astype(h_bsd.dtype), (None, "param_shards"))
+  vocab_ids = jnp.arange(kernel_dv.shape[1], dtype=jnp.int32)
+
   def one(h, t):
-    logits = jnp.dot(h, kernel_dv.astype(h.dtype), preferred_element_type=jnp.float32)  # (B, S/n, V)
-    logits = constrain(logits, ("batch", "length", "act_vocab"))
+    h = constrain(h, ("batch_replicas", None, None))
+    logits = jnp.dot(h, kernel_dv, preferred_element_type=jnp.float32)  # (B, S/n, V)
+    logits = constrain(logits, ("batch_replicas", None, "param_shards"))
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return lse - target_logit + z_loss * jnp.square(lse)
+    # A masked sum, not a gather: it stays local to each vocabulary slice (and is exact).
+    t = constrain(t, ("batch_replicas", None))
+    target_logit = jnp.sum(jnp.where(vocab_ids == t[..., None], logits, 0.0), axis=-1)
+    return constrain(lse - target_logit + z_loss * jnp.square(lse), ("batch", "length"))
 
   if n == 1:
     # One chunk holds all the logits: recomputing them in the backward would cost a vocabulary-sized
