@@ -33,12 +33,16 @@ IMPLS = ("auto", "xla", "pallas", "splash")
 LANES, SUBLANES = 128, 8
 
 
-def _on_tpu() -> bool:
-  """Compiling for TPU: the platform of the mesh in context (ahead-of-time compiles for a TPU topology run
-  on a CPU host), else the default backend."""
+def compile_platform() -> str:
+  """The platform being compiled for: the mesh in context's (ahead-of-time compiles for a TPU topology run
+  on a CPU host), else the default backend's."""
   mesh = jax.sharding.get_abstract_mesh()
   device = None if mesh is None or mesh.empty else mesh.abstract_device
-  return (device.platform if device is not None else jax.default_backend()) == "tpu"
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _on_tpu() -> bool:
+  return compile_platform() == "tpu"
 
 
 def pallas_blocks(sq: int, skv: int, block_q: int, block_kv: int, *, strict: bool):

@@ -10,17 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels
 from keye_jax.sharding import embedding_lookup
 
 _init = jax.nn.initializers.normal(stddev=0.02)
-
-
-def _compiling_for_cpu() -> bool:
-  """The platform of the mesh in context (ahead-of-time compiles for a TPU run on a CPU host), else the
-  default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh is None or mesh.empty else mesh.abstract_device
-  return (device.platform if device is not None else jax.default_backend()) == "cpu"
 
 
 def rows_matmul(x, w, **kw):
@@ -28,7 +21,7 @@ def rows_matmul(x, w, **kw):
   computes the weight gradient of a matmul over (batch, length) by writing a transposed copy of the
   output gradient, while over one row dim it is a single plain matmul (the CPU training step is ~15%
   faster). Elsewhere the leading dims stay separate so batch and length shard independently."""
-  if x.ndim <= 2 or not _compiling_for_cpu():
+  if x.ndim <= 2 or kernels.compile_platform() != "cpu":
     return jnp.dot(x, w, **kw)
   return jnp.dot(x.reshape(-1, x.shape[-1]), w, **kw).reshape(*x.shape[:-1], w.shape[-1])
 
