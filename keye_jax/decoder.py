@@ -168,7 +168,7 @@ class Decoder(nnx.Module):
 
   def init_cache(self, batch: int, length: int, dtype=None) -> dict:
     """Zeroed cache: k, v (L, B, Hkv, T, hd), segment ids (B, T) (0 = empty slot), next index, and the
-    latest step's K/V (L, B, 1, Hkv, hd) still to be written at slot `pending_at` (see `decode`).
+    latest token's K/V (L, B, 1, Hkv, hd), still to be written at slot index - 1 (see `decode`).
     Head-major, so a step's attention reads each head's keys and values where they lie (no transposes)."""
     t = self.cfg
     dtype = dtype or self.embed.dtype
@@ -176,7 +176,7 @@ class Decoder(nnx.Module):
     pending = jnp.zeros((t.num_layers, batch, 1, t.num_kv_heads, t.head_dim), dtype)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                 segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32),
-                pending_k=pending, pending_v=pending, pending_at=jnp.zeros((), jnp.int32))
+                pending_k=pending, pending_v=pending)
 
   def prefill(self, embeds_bsd, position_ids_3bs, segment_ids_bs, cache: dict):
     """Runs the prompt (left-padded: segment id 0 on padding) and writes its K/V into the cache slots
@@ -189,9 +189,9 @@ class Decoder(nnx.Module):
         v=jax.lax.dynamic_update_slice(cache["v"], _heads_major(v, cache["v"].dtype), (0, 0, 0, 0, 0)),
         segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bs.astype(jnp.int32), (0, 0)),
         index=jnp.asarray(s, jnp.int32),
-        # Nothing pending: zeros "written" to the next slot, still empty (segment 0) until decode fills it.
-        pending_k=jnp.zeros_like(cache["pending_k"]), pending_v=jnp.zeros_like(cache["pending_v"]),
-        pending_at=jnp.asarray(s, jnp.int32))
+        # The last prompt token's K/V, already in slot S-1: writing them again there changes nothing.
+        pending_k=k[:, :, -1:].astype(cache["pending_k"].dtype),
+        pending_v=v[:, :, -1:].astype(cache["pending_v"].dtype))
     return h, cache
 
   def decode(self, embeds_bsd, position_ids_3bs, cache: dict):
@@ -204,7 +204,8 @@ class Decoder(nnx.Module):
     b, s, _ = embeds_bsd.shape
     if s != cache["pending_k"].shape[2]:
       raise ValueError(f"decode takes {cache['pending_k'].shape[2]} new token(s) per call, got {s}")
-    index, at = cache["index"], (0, 0, 0, cache["pending_at"], 0)
+    index = cache["index"]
+    at = (0, 0, 0, jnp.maximum(index - 1, 0), 0)  # an empty cache's zeros go to slot 0, still empty
     k_cache = jax.lax.dynamic_update_slice(cache["k"], _heads_major(cache["pending_k"], cache["k"].dtype), at)
     v_cache = jax.lax.dynamic_update_slice(cache["v"], _heads_major(cache["pending_v"], cache["v"].dtype), at)
     segment_ids = cache["segment_ids"]  # the pending slot is already marked (below, last step)
@@ -212,7 +213,7 @@ class Decoder(nnx.Module):
     h, (k, v) = self.layers(embeds_bsd, (k_cache, v_cache), cos=cos, sin=sin, segment_ids=None,
                             kv_segment_ids=segment_ids, return_kv=True)
     cache = dict(k=k_cache, v=v_cache, index=index + s, pending_k=k.astype(k_cache.dtype),
-                 pending_v=v.astype(v_cache.dtype), pending_at=index,
+                 pending_v=v.astype(v_cache.dtype),
                  segment_ids=jax.lax.dynamic_update_slice(segment_ids, jnp.ones((b, s), jnp.int32), (0, index)))
     return self.norm(h), cache
 
