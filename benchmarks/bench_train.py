@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from keye_jax import host_memory  # noqa: E402
 from keye_jax.config import KeyeConfig, TextConfig  # noqa: E402
 from keye_jax.sharding import make_mesh  # noqa: E402
 from train.config import OptimizerConfig, TrainConfig  # noqa: E402
@@ -129,7 +130,10 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--scan", action="store_true", help="scanned layer stack (default: unscanned)")
+  p.add_argument("--system-malloc", action="store_true",
+                 help="leave glibc's malloc as it is (by default both sides reuse freed memory, as `keye train` does)")
   args = p.parse_args()
+  reuse = not args.system_malloc and host_memory.keep_freed_memory()
   import torch
   flops = text_flops_per_step(KeyeConfig(text=TEXT, vision=None), BATCH, SEQ)
   peak_jax, peak_torch = jax_matmul_peak(), torch_matmul_peak()
@@ -145,7 +149,7 @@ def main():
       "ours_mfu_of_jax_peak": round(flops / ours_s / peak_jax, 3),
       "pytorch_mfu_of_torch_peak": round(flops / torch_s / peak_torch, 3),
       "ours_mfu_of_best_peak": round(flops / ours_s / max(peak_jax, peak_torch), 3),
-      "torch_threads": torch.get_num_threads(),
+      "torch_threads": torch.get_num_threads(), "reuse_freed_host_memory": reuse,
       "step_matmul_gflops_jax_torch": {k: [round(jax_matmul_peak(*v) / 1e9, 1), round(torch_matmul_peak(*v) / 1e9, 1)]
                                        for k, v in STEP_MATMULS.items()},
   }
