@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from keye_jax.layers import rows_matmul
 from keye_jax.sharding import constrain
 
 
@@ -51,7 +52,7 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
 
   def one(h, t):
     h = constrain(h, ("batch_replicas", None, None))
-    logits = jnp.dot(h, kernel_dv, preferred_element_type=jnp.float32)  # (B, S/n, V)
+    logits = rows_matmul(h, kernel_dv, preferred_element_type=jnp.float32)  # (B, S/n, V)
     logits = constrain(logits, ("batch_replicas", None, "param_shards"))
     lse = jax.nn.logsumexp(logits, axis=-1)
     # A masked sum, not a gather: it stays local to each vocabulary slice (and is exact).
