@@ -82,18 +82,27 @@ def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: b
   # k, v (B, Hkv, Skv, D), so repeated K/V are never materialised and every matmul is a plain batched one.
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-  def block(q_blk, q_seg_blk, q_offset):
+  def block(q_blk, q_seg_blk, q_offset, kv_len=skv):
+    """Queries q_offset .. q_offset + Tq against the first kv_len keys."""
     tq = q_blk.shape[1]
     qh = q_blk.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)
-    mask = jnp.ones((1, tq, skv), dtype=bool)
+    mask = jnp.ones((1, tq, kv_len), dtype=bool)
     if q_seg_blk is not None:
-      mask = (q_seg_blk[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+      kv_seg = kv_segment_ids[:, :kv_len]
+      mask = (q_seg_blk[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
     if causal:
       q_pos = q_offset + jnp.arange(tq)[:, None] + (skv - sq)
-      mask = mask & (q_pos >= jnp.arange(skv)[None, :])[None]
-    out = _grouped_attention(qh, kh, vh, mask[:, None, None], scale)  # (B, Hkv, G*Tq, D)
+      mask = mask & (q_pos >= jnp.arange(kv_len)[None, :])[None]
+    out = _grouped_attention(qh, kh[:, :, :kv_len], vh[:, :, :kv_len], mask[:, None, None], scale)
     return out.reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d).astype(q.dtype)
 
+  if causal and sq == skv and sq % 2 == 0 and 256 <= sq <= block_q:
+    # Causal self-attention: the first half of the queries sees only the first half of the keys, so
+    # it skips the masked quarter of the score matrix (a quarter less attention work and memory).
+    half = sq // 2
+    seg = (None, None) if q_segment_ids is None else (q_segment_ids[:, :half], q_segment_ids[:, half:])
+    return jnp.concatenate([block(q[:, :half], seg[0], 0, kv_len=half), block(q[:, half:], seg[1], half)],
+                           axis=1)
   if sq <= block_q or sq % block_q:
     return block(q, q_segment_ids, 0)
   n = sq // block_q
