@@ -136,9 +136,12 @@ def main():
   reuse = not args.system_malloc and host_memory.keep_freed_memory()
   import torch
   flops = text_flops_per_step(KeyeConfig(text=TEXT, vision=None), BATCH, SEQ)
-  peak_jax, peak_torch = jax_matmul_peak(), torch_matmul_peak()
+  peak_jax, peak_torch = jax_matmul_peak(repeats=20), torch_matmul_peak(repeats=20)
   ours_s = statistics.median(ours(args.steps, args.scan))
   torch_s = statistics.median(pytorch(args.steps))
+  # The machine's speed drifts (a shared VM): the peak is the best of a measurement before and after
+  # the steps, so no MFU is flattered by a slow moment.
+  peak_jax, peak_torch = max(peak_jax, jax_matmul_peak(repeats=20)), max(peak_torch, torch_matmul_peak(repeats=20))
   tokens = BATCH * SEQ
   result = {
       "ours_step_seconds": round(ours_s, 4), "pytorch_step_seconds": round(torch_s, 4),
