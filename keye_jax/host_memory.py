@@ -2,7 +2,7 @@
 
 XLA:CPU allocates each executable's temporaries as one block per call (1.4 GB for the benchmark's
 training step). glibc hands blocks that large out with a fresh mmap, or grows and trims the heap, so every
-step page-faults its whole working set in again: 340k faults and a third of the step's time in the
+step page-faults its whole working set in again: 340k faults and a sixth of the step's CPU time in the
 kernel. Keeping freed memory in one never-trimmed heap makes the next call reuse the same pages.
 
 It must run before JAX creates its CPU client: the client's worker threads choose their malloc arena on
