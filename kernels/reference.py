@@ -54,11 +54,15 @@ def _grouped_attention_bwd(scale, res, d_out):
   dp = jnp.einsum("bhmd,bhkd->bhmk", d_out.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
   ds = p * (dp - delta)
   dq = jnp.einsum("bhmk,bhkd->bhmd", ds.astype(kh.dtype), kh, preferred_element_type=jnp.float32) * scale
-  # Key and value gradients as (D, Skv) = (D, rows) @ (rows, Skv), then transposed (small).
-  dk = jnp.einsum("bhdm,bhmk->bhdk", qh.swapaxes(2, 3), ds.astype(qh.dtype),
+  # Key and value gradients as (D, Skv) = (D, rows) @ (rows, Skv), then transposed (small). The
+  # barriers keep both transposes explicit: folded into the matmul, XLA CPU would contract the left
+  # operand over a leading dim, which YNNPACK does not take (see keye_jax.layers._rows_dot).
+  bar = jax.lax.optimization_barrier
+  dk = jnp.einsum("bhdm,bhmk->bhdk", bar(qh.swapaxes(2, 3)), ds.astype(qh.dtype),
                   preferred_element_type=jnp.float32) * scale
-  dv = jnp.einsum("bhdm,bhmk->bhdk", d_out.astype(vh.dtype).swapaxes(2, 3), p.astype(vh.dtype),
+  dv = jnp.einsum("bhdm,bhmk->bhdk", bar(d_out.astype(vh.dtype).swapaxes(2, 3)), p.astype(vh.dtype),
                   preferred_element_type=jnp.float32)
+  dk, dv = bar((dk, dv))
   return (dq.astype(qh.dtype), dk.swapaxes(2, 3).astype(kh.dtype), dv.swapaxes(2, 3).astype(vh.dtype), None)
 
 
