@@ -137,8 +137,10 @@ def main():
   import torch
   flops = text_flops_per_step(KeyeConfig(text=TEXT, vision=None), BATCH, SEQ)
   peak_jax, peak_torch = jax_matmul_peak(repeats=20), torch_matmul_peak(repeats=20)
-  ours_s = statistics.median(ours(args.steps, args.scan))
-  torch_s = statistics.median(pytorch(args.steps))
+  ours_all, torch_all = ours(args.steps, args.scan), pytorch(args.steps)
+  print("step seconds, ours:", [round(t, 3) for t in ours_all], "pytorch:", [round(t, 3) for t in torch_all],
+        file=sys.stderr)
+  ours_s, torch_s = statistics.median(ours_all), statistics.median(torch_all)
   # The machine's speed drifts (a shared VM): the peak is the best of a measurement before and after
   # the steps, so no MFU is flattered by a slow moment.
   peak_jax, peak_torch = max(peak_jax, jax_matmul_peak(repeats=20)), max(peak_torch, torch_matmul_peak(repeats=20))

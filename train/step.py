@@ -1,5 +1,5 @@
-"""One training step: loss and gradients (optionally over microbatches), clipping, AdamW, and skipping
-updates whose loss or gradient is not finite. Jitted once over the mesh with donated state.
+"""One training step: loss and gradients (optionally over microbatches), global-norm clipping, AdamW,
+and skipping updates whose loss or gradient is not finite. Jitted once over the mesh with donated state.
 
 Train state (a pytree, also what checkpoints hold):
   step       int32   steps taken (skipped ones included: their data was consumed)
@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from train.config import TrainConfig
 from train.loss import loss_sums, next_token_targets
 from train.model_state import ModelShape, batch_shardings, init_params, like_shardings
-from train.optimizer import make_optimizer, trainable_keys
+from train.optimizer import clip_by_global_norm, make_optimizer, trainable_keys
 
 
 @dataclasses.dataclass
@@ -36,6 +36,12 @@ class StepFns:
   train_keys: list
   state_shardings: dict
   mesh: object
+
+
+# XLA CPU also hands elementwise ops to YNNPACK (its default is matmuls and reductions only), which
+# then runs the transposes, normalisations and activations around the matmuls: ~5% off the CPU step.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
+    "LIBRARY_FUSION_TYPE_" + t for t in ("DOT", "INDIVIDUAL_DOT", "REDUCE", "ELTWISE"))}
 
 
 def _microbatches(batch: dict, n: int) -> dict:
@@ -93,13 +99,20 @@ def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch
       (loss, per_src, per_n, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, accum))
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt"], trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    if cfg.optimizer.clip_norm > 0:
+      grads = clip_by_global_norm(grads, grad_norm, cfg.optimizer.clip_norm)
+
+    def update(grads, opt, trainable):
+      updates, opt = tx.update(grads, opt, trainable)
+      return optax.apply_updates(trainable, updates), opt
+
+    # A branch rather than a select over every tensor: a select reads the old values after the update
+    # has overwritten their donated buffers, so XLA copied every parameter and moment first.
+    new_trainable, new_opt = jax.lax.cond(ok, update, lambda g, opt, t: (t, opt), grads, state["opt"], trainable)
     new_state = dict(
         step=state["step"] + 1,
-        params={**params, **keep(new_trainable, trainable)},
-        opt=keep(new_opt, state["opt"]),
+        params={**params, **new_trainable},
+        opt=new_opt,
         rng=jax.random.fold_in(state["rng"], state["step"]),
         nonfinite=jnp.where(ok, 0, state["nonfinite"] + 1),
         skipped=state["skipped"] + (~ok).astype(jnp.int32),
@@ -114,8 +127,10 @@ def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch
   replicated = NamedSharding(mesh, P())
   state_shardings = dict(step=replicated, params=shardings, opt=like_shardings(opt_abstract, shardings, mesh),
                          rng=replicated, nonfinite=replicated, skipped=replicated)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch_keys, mesh)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                   compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
 
   def run(state, batch):
     with jax.set_mesh(mesh):

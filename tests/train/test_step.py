@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from keye_jax.config import KeyeConfig, from_dict, load
@@ -11,6 +12,7 @@ from tests.train.helpers import TEXT_MODEL, TINY_MODEL, run_python
 from train.config import OptimizerConfig, TrainConfig
 from train.data.config import DataConfig
 from train.model_state import ModelShape
+from train.optimizer import clip_by_global_norm
 from train.step import init_state, make_step
 from train.synthetic import SyntheticBatches
 
@@ -57,8 +59,10 @@ def test_grad_accumulation_equals_large_batch():
     s4, m4 = fns4.step(s4, b)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+  # Adam scales each element's step by its own gradient size, so an element whose gradient is near zero
+  # turns summation-order rounding into a visible difference: atol is ~2% of how far parameters moved (3e-4).
   for k, v in _host(s1["params"]).items():
-    np.testing.assert_allclose(v, np.asarray(s4["params"][k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(v, np.asarray(s4["params"][k]), rtol=1e-5, atol=5e-6, err_msg=k)
 
 
 def test_nonfinite_step_is_skipped_and_counted():
@@ -88,6 +92,7 @@ from train.config import TrainConfig
 from train.data.config import DataConfig
 from train.loop import _GlobalBatches
 from train.model_state import ModelShape
+from train.optimizer import clip_by_global_norm
 from train.step import init_state, make_step
 from train.synthetic import SyntheticBatches
 model = load(KeyeConfig, "configs/model/tiny.yaml")
@@ -118,3 +123,14 @@ def test_step_equal_on_one_device_fsdp8_and_dp2_fsdp2_tp2():
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, err_msg=name)
     np.testing.assert_allclose(got["q"], ref["q"], rtol=1e-4, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(got["proj"], ref["proj"], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_matches_optax(max_norm):
+  rng = np.random.default_rng(0)
+  grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in [("a", (4, 3)), ("b", (5,))]}
+  ours = clip_by_global_norm(grads, optax.global_norm(grads), max_norm)
+  ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  for k in grads:
+    np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, err_msg=k)
+  assert (float(optax.global_norm(ours)) < float(optax.global_norm(grads))) == (max_norm == 0.5)
