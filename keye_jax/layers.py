@@ -91,9 +91,45 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
+    if kernels.compile_platform() == "cpu":
+      return _rms_norm_cpu(x, self.scale[...], self.eps).astype(self.dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm_cpu(x, scale, eps):
+  """RMSNorm in fp32 (the same arithmetic as `RMSNorm`) with a gradient written for XLA CPU.
+
+  XLA CPU's YNNPACK fusions never duplicate a value that two fusions read (the norm's rsqrt, the
+  scale broadcast to x's shape, dy * scale): each becomes an array of its own, and the generic
+  gradient of one norm took 11 passes over (rows, D). Here the two row/column reductions of the
+  gradient are matrix-vector products and each elementwise pass reads only x, dy and small vectors
+  (measured: fwd+bwd of (2048, 512) 1.1 -> 0.55 ms)."""
+  return _rms_norm_cpu_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_cpu_fwd(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (..., 1)
+  return x32 * r * scale.astype(jnp.float32), (x, scale, r)
+
+
+def _rms_norm_cpu_bwd(eps, res, dy):
+  x, scale, r = res
+  # Fresh values, so their broadcasts are not shared with the forward's (see above).
+  scale, r = jax.lax.optimization_barrier((scale, r))
+  x32, dy32, s32 = x.astype(jnp.float32), dy.astype(jnp.float32), scale.astype(jnp.float32)
+  t = dy32 * x32
+  # dx = r * (dy*s - x * r^2 * mean(dy*s*x)); dscale = sum over rows of dy * x * r.
+  c = jnp.einsum("...d,d->...", t, s32)[..., None] * (r * r / x.shape[-1])
+  dscale = jnp.einsum("...,...d->d", r[..., 0], t)
+  dx = r * (dy32 * s32 - x32 * c)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+_rms_norm_cpu.defvjp(_rms_norm_cpu_fwd, _rms_norm_cpu_bwd)
 
 
 class LayerNorm(nnx.Module):

@@ -1,12 +1,13 @@
-"""The CPU matmul's written-out gradient (`layers.rows_matmul`) equals JAX's autodiff of a plain matmul,
-and keeps every matmul of the gradient on YNNPACK (XLA CPU's fast matmul library)."""
+"""The CPU paths' written-out gradients equal JAX's autodiff of the plain formulas: the matmul
+(`layers.rows_matmul`, which also keeps every matmul of its gradient on YNNPACK, XLA CPU's fast matmul
+library) and the RMSNorm."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keye_jax.layers import rows_matmul
+from keye_jax.layers import _rms_norm_cpu, rows_matmul
 
 
 @pytest.mark.parametrize("x_shape", [(2, 5, 16), (7, 16), (16,)])
@@ -48,3 +49,24 @@ def test_every_gradient_matmul_runs_on_ynnpack():
   assert " dot(" not in entry and "__ynn_fusion" in hlo
   plain = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w)), argnums=(0, 1))).lower(x, w).compile().as_text()
   assert " dot(" in plain[plain.index("\nENTRY"):]  # the check above can see the fallback
+
+
+def _rms_norm_plain(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(jnp.float32) * y
+
+
+@pytest.mark.parametrize("shape,dtype,tol", [((4, 6, 32), jnp.float32, 1e-5), ((2, 3, 4, 16), jnp.float32, 1e-5),
+                                             ((5, 32), jnp.bfloat16, 2e-2)])
+def test_rms_norm_gradient_matches_autodiff(shape, dtype, tol):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=shape) * 3.0, dtype)
+  scale = jnp.asarray(rng.normal(size=shape[-1:]), dtype)
+  dy = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ours = jax.vjp(lambda x, s: _rms_norm_cpu(x, s, 1e-6), x, scale)
+  plain = jax.vjp(lambda x, s: _rms_norm_plain(x, s, 1e-6), x, scale)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6, atol=1e-6)
+  for a, b in zip(ours[1](dy), plain[1](dy)):
+    assert a.shape == b.shape and a.dtype == b.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
