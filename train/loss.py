@@ -11,9 +11,12 @@ Targets: position t predicts input_ids[t+1] when loss_mask[t+1] and t, t+1 are i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+import kernels
 from keye_jax.layers import rows_matmul
 from keye_jax.sharding import constrain
 
@@ -48,17 +51,14 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
   # Every device computes all gathered tokens' logits for its slice of the vocabulary, so no device
   # holds the whole (D, V) kernel or its gradient, which is accumulated in the slice alone.
   kernel_dv = constrain(kernel_dv.astype(h_bsd.dtype), (None, "param_shards"))
-  vocab_ids = jnp.arange(kernel_dv.shape[1], dtype=jnp.int32)
+  gather = kernels.compile_platform() == "cpu"
 
   def one(h, t):
     h = constrain(h, ("batch_replicas", None, None))
     logits = rows_matmul(h, kernel_dv, preferred_element_type=jnp.float32)  # (B, S/n, V)
     logits = constrain(logits, ("batch_replicas", None, "param_shards"))
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    # A masked sum, not a gather: it stays local to each vocabulary slice (and is exact).
     t = constrain(t, ("batch_replicas", None))
-    target_logit = jnp.sum(jnp.where(vocab_ids == t[..., None], logits, 0.0), axis=-1)
-    return constrain(lse - target_logit + z_loss * jnp.square(lse), ("batch", "length"))
+    return constrain(token_cross_entropy(logits, t, z_loss, gather), ("batch", "length"))
 
   if n == 1:
     # One chunk holds all the logits: recomputing them in the backward would cost a vocabulary-sized
@@ -66,6 +66,46 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
     return one(h_bsd, targets_bs)
   out = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (hs, ts))  # (n, B, S/n)
   return out.transpose(1, 2, 0).reshape(b, s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def token_cross_entropy(logits, targets, z_loss: float, gather: bool):
+  """lse - logits[target] + z_loss * lse^2 per position: logits (..., V) fp32, targets (...) int32.
+
+  The gradient is written out, softmax - one-hot, in one pass over the logits; autodiff of logsumexp
+  stores exp(logits - max) as a second vocabulary-sized array and reads both again. `gather` picks the
+  target logit with a gather (and its gradient with a scatter), for one device; otherwise with a masked
+  sum, which stays local to each vocabulary slice when the logits are split by vocabulary."""
+  return _xent_fwd(logits, targets, z_loss, gather)[0]
+
+
+def _xent_fwd(logits, targets, z_loss, gather):
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  lse = (m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)))[..., 0]
+  if gather:
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="clip")[..., 0]
+  else:
+    target_logit = jnp.sum(jnp.where(_is_target(logits, targets), logits, 0.0), axis=-1)
+  return lse - target_logit + z_loss * jnp.square(lse), (logits, targets, lse)
+
+
+def _xent_bwd(z_loss, gather, res, g):
+  logits, targets, lse = res
+  d = (g * (1.0 + 2.0 * z_loss * lse))[..., None] * jnp.exp(logits - lse[..., None])
+  if gather:
+    rows = d.reshape(-1, d.shape[-1])
+    rows = rows.at[jnp.arange(rows.shape[0]), targets.reshape(-1)].add(-g.reshape(-1), mode="clip")
+    d = rows.reshape(d.shape)
+  else:
+    d = d - jnp.where(_is_target(logits, targets), g[..., None], 0.0)
+  return d, None
+
+
+def _is_target(logits, targets):
+  return jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
+
+
+token_cross_entropy.defvjp(_xent_fwd, _xent_bwd)
 
 
 def loss_sums(model, batch, *, chunk: int, z_loss: float, num_sources: int):
