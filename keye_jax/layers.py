@@ -92,15 +92,22 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x):
     if kernels.compile_platform() == "cpu":
-      return _rms_norm_cpu(x, self.scale[...], self.eps).astype(self.dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+      y = _rms_norm_cpu(x, self.scale[...], self.eps)
+    else:
+      y, _ = _rms_norm(x, self.scale[...], self.eps)
+    return y.astype(self.dtype)
+
+
+def _rms_norm(x, scale, eps):
+  """(scale * x / sqrt(mean(x^2) + eps) in fp32, the reciprocal root (..., 1))."""
+  x32 = x.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return x32 * r * scale.astype(jnp.float32), r
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rms_norm_cpu(x, scale, eps):
-  """RMSNorm in fp32 (the same arithmetic as `RMSNorm`) with a gradient written for XLA CPU.
+  """`_rms_norm` with a gradient written for XLA CPU.
 
   XLA CPU's YNNPACK fusions never duplicate a value that two fusions read (the norm's rsqrt, the
   scale broadcast to x's shape, dy * scale): each becomes an array of its own, and the generic
@@ -111,9 +118,8 @@ def _rms_norm_cpu(x, scale, eps):
 
 
 def _rms_norm_cpu_fwd(x, scale, eps):
-  x32 = x.astype(jnp.float32)
-  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (..., 1)
-  return x32 * r * scale.astype(jnp.float32), (x, scale, r)
+  y, r = _rms_norm(x, scale, eps)
+  return y, (x, scale, r)
 
 
 def _rms_norm_cpu_bwd(eps, res, dy):

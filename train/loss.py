@@ -73,9 +73,9 @@ def token_cross_entropy(logits, targets, z_loss: float, gather: bool):
   """lse - logits[target] + z_loss * lse^2 per position: logits (..., V) fp32, targets (...) int32.
 
   The gradient is written out, softmax - one-hot, in one pass over the logits; autodiff of logsumexp
-  stores exp(logits - max) as a second vocabulary-sized array and reads both again. `gather` picks the
-  target logit with a gather (and its gradient with a scatter), for one device; otherwise with a masked
-  sum, which stays local to each vocabulary slice when the logits are split by vocabulary."""
+  stores exp(logits - max) as a second vocabulary-sized array and reads both again. `gather` (the CPU)
+  picks the target logit with a gather and its gradient with a scatter, each a few thousand elements;
+  otherwise a masked sum, which stays local to each vocabulary slice when logits are split by vocabulary."""
   return _xent_fwd(logits, targets, z_loss, gather)[0]
 
 
