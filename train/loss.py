@@ -80,8 +80,7 @@ def token_cross_entropy(logits, targets, z_loss: float, gather: bool):
 
 
 def _xent_fwd(logits, targets, z_loss, gather):
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  lse = (m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)))[..., 0]
+  lse = jax.nn.logsumexp(logits, axis=-1)  # no autodiff here: its stored exponentials are never made
   if gather:
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="clip")[..., 0]
   else:
