@@ -1,0 +1,1 @@
+"""Training losses as pure functions over arrays (cross-entropy, preference losses)."""

@@ -1,0 +1,1 @@
+"""Reward functions chosen by name in config (rule verifiers, format, judges, reward models)."""

@@ -1,0 +1,1 @@
+"""Reinforcement learning: rollout orchestration, advantages, GSPO losses, progressive hints, the iteration schedule."""
