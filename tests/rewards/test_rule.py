@@ -1,0 +1,79 @@
+"""Rule verifiers and the registry on hand-made pass / fail responses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from train.rewards import registry
+from train.rewards.rule import infer_kind, score_answer
+
+
+@pytest.mark.parametrize("response,reference,kind,options,expected", [
+  ("<think>A or C? Probably A.</think>The answer is C.", "C", None, None, 1.0),
+  ("<think>It is C.</think>The answer is (A).", "C", None, None, 0.0),
+  ("B. red", "red", "choice", ["blue", "red", "green"], 1.0),
+  ("I pick the green one.", "B", "choice", ["blue", "red", "green"], 0.0),
+  ("no idea", "B", "choice", ["blue", "red"], 0.0),
+  ("So the total is \\boxed{1,250}.", "1250", None, None, 1.0),
+  ("The answer is 3.14159", "3.14", "number", None, 1.0),
+  ("The answer is 3.5", "3.14", "number", None, 0.0),
+  ("Answer: \\frac{3}{4}", "0.75", "number", None, 1.0),
+  ("It costs 12 dollars; answer: 13", "12", "number", None, 0.0),
+  ("Final answer: Paris", "paris", "exact", None, 1.0),
+  ("Final answer: Paris, France", "paris", "exact", None, 0.0),
+  ("Final answer: Paris, France", "paris", "text", None, 1.0),
+  ("Final answer: London", "paris", "text", None, 0.0),
+  ("Final answer: London", ["paris", "london"], "text", None, 1.0),
+  ("so x = \\boxed{42}", "42", "boxed", None, 1.0),
+  ("so x = 42", "42", "boxed", None, 0.0),
+  ("so x = \\boxed{\\text{blue}}", "Blue", "boxed", None, 1.0),
+  ("so x = \\boxed{41}", "42", "boxed", None, 0.0),
+])
+def test_score_answer(response, reference, kind, options, expected):
+  assert score_answer(response, reference, kind=kind, options=options) == expected
+
+
+def test_tolerance_is_configurable():
+  assert score_answer("answer: 100.5", "100", kind="number") == 1.0
+  assert score_answer("answer: 100.5", "100", kind="number", rel_tol=1e-3) == 0.0
+
+
+def test_infer_kind():
+  assert infer_kind("B") == "choice"
+  assert infer_kind("red", ["red", "blue"]) == "choice"
+  assert infer_kind("-2.5") == "number"
+  assert infer_kind("a red ball") == "text"
+
+
+def test_bad_references_are_one_line_errors():
+  with pytest.raises(ValueError, match="neither a letter"):
+    score_answer("A", "purple", kind="choice", options=["red", "blue"])
+  with pytest.raises(ValueError, match="unknown answer kind"):
+    score_answer("A", "A", kind="essay")
+
+
+def test_registry_answer_reward_and_combine():
+  samples = [{"id": "a", "answer": "B", "options": ["x", "y"]},
+             {"id": "b", "answer": "7", "answer_kind": "number"}]
+  fn = registry.build("answer")
+  np.testing.assert_array_equal(fn(samples, ["The answer is B", "it is 8"]), [1.0, 0.0])
+  combined = registry.combine([{"name": "answer", "weight": 2.0},
+                               {"name": "answer", "key": "strict", "weight": 0.5, "kind": "exact"}])
+  total, parts = combined(samples, ["The answer is (B)", "Answer: 7"])
+  np.testing.assert_array_equal(parts["answer"], [1.0, 1.0])
+  np.testing.assert_array_equal(parts["strict"], [0.0, 1.0])
+  np.testing.assert_allclose(total, [2.0, 2.5])
+  total, _ = registry.combine({"answer": 3.0})(samples, ["B", "7"])
+  np.testing.assert_allclose(total, [3.0, 3.0])
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match="unknown reward 'nope'"):
+    registry.build("nope")
+  with pytest.raises(ValueError, match="bad options"):
+    registry.build("answer", colour="red")
+  with pytest.raises(ValueError, match="appears twice"):
+    registry.combine([{"name": "answer"}, {"name": "answer"}])
+  with pytest.raises(ValueError, match="no 'answer' field"):
+    registry.build("answer")([{"id": "q"}], ["B"])
