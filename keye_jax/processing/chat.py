@@ -8,8 +8,22 @@ Media in content expand in place:
          then <|vision_end|>
 The text between special tokens is tokenised as one piece, exactly as a tokenizer would cut the rendered
 string, and the loss mask is set on the assistant content and its <|im_end|> (not the role header, not the
-newline after). A user turn ending in `/no_think` makes the generation prompt close an empty think block
-(Qwen3's convention); `/think` or nothing leaves the model to open `<think>` itself.
+newline after).
+
+Thinking (keye_jax.processing.thinking; Qwen3's chat template is the reference, see
+tests/processing/test_chat_template.py which renders it with jinja2 and compares token ids):
+  - the last user turn's suffix picks the mode: `/think`, `/no_think`, or none (auto-think);
+  - assistant turns before the last user turn lose their thinking (Qwen3 keeps only the text after
+    `</think>` in the context of later turns). Such a turn is context only: no loss, since the model never
+    produced that think-less text;
+  - assistant turns after the last user turn are rewritten to Qwen3's `<think>\nR\n</think>\n\nA` when they
+    hold a think block; the final one, under `/think` or `/no_think`, gets the empty block
+    `<think>\n\n</think>\n\n` when it has none (as Qwen3 always does). Deliberate difference from Qwen3: with
+    no mode suffix and no think block the turn stays as written (plain chat and pre-training data are not
+    padded with empty think blocks; auto-think means the model may answer at once);
+  - the generation prompt closes an empty think block when thinking is off (`thinking=False` or a trailing
+    `/no_think`); otherwise the model opens `<think>` itself.
+`decode_conversation` turns ids back into messages: encode -> decode gives `canonical_messages(messages)`.
 """
 
 from __future__ import annotations
@@ -22,10 +36,10 @@ from keye_jax.processing import vision_process
 from keye_jax.processing.errors import MediaError
 from keye_jax.processing.positions import position_ids
 from keye_jax.processing.processor import Processor
+from keye_jax.processing.thinking import EMPTY_THINK, mode_of, qwen3_parts, with_think_block
 from keye_jax.processing.tokenizer import KeyeTokenizer
 
 ROLES = ("system", "user", "assistant")
-EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
 def _resolve(path, base_dir):
@@ -122,31 +136,78 @@ def _content(b: _Builder, content, target: bool, base_dir, processor, defaults, 
       raise MediaError(ele, f"{where}.content[{k}]: unknown element type {kind!r}")
 
 
-def _last_user_text(messages) -> str:
-  for m in reversed(messages):
-    if m.get("role") == "user":
-      c = m.get("content")
-      if isinstance(c, str):
-        return c
-      return "".join(e.get("text", "") for e in c if isinstance(e, dict) and e.get("type", "text") == "text")
-  return ""
+def _text_of(content) -> str:
+  if isinstance(content, str):
+    return content
+  return "".join(e.get("text", "") for e in content if isinstance(e, dict) and e.get("type", "text") == "text")
 
 
-def _encode(messages, tokenizer: KeyeTokenizer, base_dir, processor, vision_kwargs, generation: bool,
-            thinking) -> dict:
+def _check(messages):
   if not isinstance(messages, list) or not messages:
     raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-  processor = processor or Processor()
-  vision_process.check_element(vision_kwargs)
-  b = _Builder(tokenizer)
-  out = {"pixels": [], "grids": []}
   for i, m in enumerate(messages):
     where = f"messages[{i}]"
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
       raise ValueError(f"{where}: a message needs 'role' and 'content'")
     if m["role"] not in ROLES:
       raise ValueError(f"{where}: unknown role {m['role']!r}; expected one of {ROLES}")
-    target = m["role"] == "assistant" and not generation
+    if not isinstance(m["content"], (str, list)):
+      raise ValueError(f"{where}: content must be a string or a list of elements, got {type(m['content']).__name__}")
+    if m["role"] == "assistant" and isinstance(m["content"], list):
+      for k, ele in enumerate(m["content"]):
+        if isinstance(ele, dict) and (ele.get("type") in ("image", "image_url", "video")
+                                      or any(key in ele for key in ("image", "image_url", "video"))):
+          raise ValueError(f"{where}.content[{k}]: media in an assistant turn cannot be a training target")
+
+
+def last_user_index(messages) -> int:
+  """Index of the last user turn (-1 if none): Qwen3's `last_query_index`."""
+  return max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+
+
+def thinking_mode(messages) -> str:
+  """"think", "no_think" or "auto": the suffix of the last user turn."""
+  i = last_user_index(messages)
+  return mode_of(_text_of(messages[i]["content"])) if i >= 0 else "auto"
+
+
+def _canonical(messages) -> list[tuple[dict, bool]]:
+  """(message, target) pairs after Qwen3's thinking rules (module doc); assistant contents become strings."""
+  last_query, mode = last_user_index(messages), thinking_mode(messages)
+  out = []
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      out.append((m, False))
+      continue
+    reasoning, content = qwen3_parts(_text_of(m["content"]))
+    target = True
+    if i < last_query:
+      target = reasoning is None           # thinking dropped: context only
+    elif reasoning is not None:
+      content = with_think_block(reasoning, content)
+    elif i == len(messages) - 1 and mode != "auto":
+      content = with_think_block("", content)
+    out.append(({**m, "content": content}, target))
+  return out
+
+
+def canonical_messages(messages) -> list[dict]:
+  """The conversation as the template renders it (thinking dropped from earlier turns, think blocks in
+  Qwen3's layout); what `decode_conversation` returns for `encode_example(messages)`'s ids."""
+  _check(messages)
+  return [m for m, _ in _canonical(messages)]
+
+
+def _encode(messages, tokenizer: KeyeTokenizer, base_dir, processor, vision_kwargs, generation: bool,
+            thinking) -> dict:
+  _check(messages)
+  processor = processor or Processor()
+  vision_process.check_element(vision_kwargs)
+  b = _Builder(tokenizer)
+  out = {"pixels": [], "grids": []}
+  turns = [(m, False) for m in messages] if generation else _canonical(messages)
+  for i, (m, target) in enumerate(turns):
+    where = f"messages[{i}]"
     b.ids([b.sp.im_start])
     b.text(f"{m['role']}\n")
     _content(b, m["content"], target, base_dir, processor, vision_kwargs, out, where)
@@ -156,7 +217,7 @@ def _encode(messages, tokenizer: KeyeTokenizer, base_dir, processor, vision_kwar
     b.ids([b.sp.im_start])
     b.text("assistant\n")
     if thinking is None:
-      thinking = not _last_user_text(messages).rstrip().endswith("/no_think")
+      thinking = thinking_mode(messages) != "no_think"
     if not thinking:
       b.text(EMPTY_THINK)
   ids, mask = b.build()
@@ -171,7 +232,7 @@ def _encode(messages, tokenizer: KeyeTokenizer, base_dir, processor, vision_kwar
 def encode_example(messages, tokenizer: KeyeTokenizer, base_dir: str | None = None,
                    processor: Processor | None = None, **vision_kwargs) -> dict:
   """A full conversation -> Example dict: input_ids (S,) int32, loss_mask (S,) bool (assistant content and
-  its <|im_end|>), position_ids (3, S) int32, pixel_values (P, 588) float32, grids_hw (n, 2) int32.
+  its <|im_end|>, except earlier turns whose thinking was dropped), position_ids (3, S) int32, pixel_values (P, 588) float32, grids_hw (n, 2) int32.
 
   `vision_kwargs` (min_pixels, max_pixels, fps, max_frames, video_total_pixels, ...) are defaults for every
   media element; an element's own keys win. Media paths are relative to `base_dir`.
@@ -185,3 +246,47 @@ def encode_prompt(messages, tokenizer: KeyeTokenizer, base_dir: str | None = Non
   block when thinking is off; None = decided by a trailing `/no_think` in the last user turn). Same arrays
   as `encode_example`, loss_mask all False."""
   return _encode(messages, tokenizer, base_dir, processor, vision_kwargs, generation=True, thinking=thinking)
+
+
+def decode_conversation(ids, tokenizer: KeyeTokenizer) -> list[dict]:
+  """Ids of a rendered conversation -> messages. A media span becomes {"type": "image"} or {"type": "video"}
+  (paths are not in the ids); a content without media is a string, otherwise a list of elements.
+  Raises ValueError when the ids are not a sequence of whole `<|im_start|>role\n...<|im_end|>\n` turns."""
+  sp = tokenizer.special
+  ids = [int(i) for i in ids]
+  messages, i, n = [], 0, len(ids)
+  while i < n:
+    if ids[i] != sp.im_start:
+      raise ValueError(f"decode_conversation: token {i} is not <|im_start|>")
+    try:
+      end = ids.index(sp.im_end, i)
+    except ValueError:
+      raise ValueError(f"decode_conversation: the turn at token {i} has no <|im_end|>") from None
+    body, elements, text = ids[i + 1:end], [], []
+    j = 0
+    while j < len(body):
+      if body[j] == sp.vision_start:
+        k = body.index(sp.vision_end, j)
+        kind = "video" if sp.frame in body[j:k] or sp.video_pad in body[j:k] else "image"
+        if text:
+          elements.append({"type": "text", "text": tokenizer.decode(text)})
+          text = []
+        elements.append({"type": kind})
+        j = k + 1
+      else:
+        text.append(body[j])
+        j += 1
+    if text:
+      elements.append({"type": "text", "text": tokenizer.decode(text)})
+    first = elements[0] if elements else {"type": "text", "text": ""}
+    if first.get("type") != "text" or "\n" not in first["text"]:
+      raise ValueError(f"decode_conversation: the turn at token {i} has no role line")
+    role, _, rest = first["text"].partition("\n")
+    elements = ([{"type": "text", "text": rest}] if rest else []) + elements[1:]
+    content = (elements[0]["text"] if len(elements) == 1 and elements[0]["type"] == "text" else
+               "" if not elements else elements)
+    messages.append({"role": role, "content": content})
+    i = end + 1
+    if i < n and tokenizer.decode(ids[i:i + 1]) == "\n":
+      i += 1
+  return messages

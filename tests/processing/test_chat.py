@@ -84,7 +84,8 @@ def test_example_contract_and_counts(tokenizer, media):
   assert "<|frame|>0.0" in text and "<|frame|>0.2" in text
   # The ids are exactly what the tokenizer makes of the rendered string.
   assert tokenizer.encode(text) == ids.tolist()
-  # Loss mask: exactly the two assistant contents and their <|im_end|>.
+  # Loss mask: the final assistant turn (with the empty think block /no_think asks for) and its <|im_end|>;
+  # the earlier turn lost its thinking (Qwen3's multi-turn rule), so it is context only.
   spans, cur = [], []
   for i in range(len(ids)):
     if mask[i]:
@@ -92,7 +93,8 @@ def test_example_contract_and_counts(tokenizer, media):
     elif cur:
       spans.append(tokenizer.decode(cur))
       cur = []
-  assert spans == ["<think>\nA cut.\n</think>\nTwo scenes.<|im_end|>", "Yes.<|im_end|>"]
+  assert spans == ["<think>\n\n</think>\n\nYes.<|im_end|>"]
+  assert "<|im_start|>assistant\nTwo scenes.<|im_end|>\n<|im_start|>user\nSure? /no_think" in text
   assert text.startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
 
 
