@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from keye_jax.model import KeyeVL
+from keye_jax.processing import thinking
 from keye_jax.processing.chat import encode_prompt
 from keye_jax.processing.vision_layout import vision_layout
 from keye_jax.sharding import constrain
@@ -86,11 +87,9 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
 
 
 def split_thinking(text: str) -> tuple[str, str]:
-  """(thinking, answer) of '<think>reasoning</think>answer'; no </think> means no thinking."""
-  if THINK_END not in text:
-    return "", text.replace("<think>", "").strip()
-  head, _, tail = text.partition(THINK_END)
-  return head.replace("<think>", "").strip(), tail.strip()
+  """(thinking, answer) in all three thinking modes; an unclosed <think> is thinking with no answer
+  (keye_jax.processing.thinking.split_thinking)."""
+  return thinking.split_thinking(text)
 
 
 # --------------------------------------------------------------------------------------------------
