@@ -205,9 +205,9 @@ def _encode(messages, tokenizer: KeyeTokenizer, base_dir, processor, vision_kwar
   vision_process.check_element(vision_kwargs)
   b = _Builder(tokenizer)
   out = {"pixels": [], "grids": []}
-  turns = [(m, False) for m in messages] if generation else _canonical(messages)
-  for i, (m, target) in enumerate(turns):
+  for i, (m, target) in enumerate(_canonical(messages)):
     where = f"messages[{i}]"
+    target = target and not generation
     b.ids([b.sp.im_start])
     b.text(f"{m['role']}\n")
     _content(b, m["content"], target, base_dir, processor, vision_kwargs, out, where)

@@ -115,3 +115,85 @@ def test_bad_messages(tokenizer, media):
   with pytest.raises(ValueError, match="unknown element keys"):
     encode_example([{"role": "user", "content": [{"type": "image", "image": "pic.png", "size": 3}]}], tokenizer,
                    base_dir=media)
+
+
+# ------------------------------------------------------------------------------------------------
+# Thinking modes, multi-turn thinking, round trip, loss mask.
+
+from keye_jax.processing.chat import canonical_messages, decode_conversation, thinking_mode  # noqa: E402
+from keye_jax.processing.thinking import split_thinking, thinking_state  # noqa: E402
+
+
+@pytest.mark.parametrize("text,thinking,answer,state", [
+    ("<think>\nlet me see\n</think>\n\nB", "let me see", "B", "thought"),     # /think
+    ("<think>\n\n</think>\n\nB", "", "B", "empty"),                           # /no_think
+    ("B", "", "B", "none"),                                                   # auto-think, answered at once
+    ("<think>\nstill counting: one, two", "still counting: one, two", "", "unclosed"),   # cut off
+    ("prefilled thinking\n</think>\n\nC", "prefilled thinking", "C", "thought"),
+])
+def test_split_thinking_all_modes(text, thinking, answer, state):
+  assert split_thinking(text) == (thinking, answer)
+  assert thinking_state(text) == state
+
+
+def _strip_media(messages):
+  out = []
+  for m in messages:
+    c = m["content"]
+    if isinstance(c, list):
+      c = [{"type": e["type"]} if e.get("type") in ("image", "video") else {"type": "text", "text": e["text"]}
+           for e in c]
+    out.append({"role": m["role"], "content": c})
+  return out
+
+
+def test_round_trip_and_loss_mask(tokenizer, media):
+  msgs = [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": [{"type": "image", "image": "pic.png"}, {"type": "text", "text": "Count. /think"}]},
+      {"role": "assistant", "content": "<think>\nOne, two.\n</think>\n\nTwo."},
+      {"role": "user", "content": "Plain question"},
+      {"role": "assistant", "content": "Plain answer."},
+      {"role": "user", "content": [{"type": "text", "text": "Colour of the"},
+                                   {"type": "video", "video": "clip.mp4", "fps": 2}, {"type": "text", "text": "? /think"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "<think>red\n</think>Red."}]},
+  ]
+  assert thinking_mode(msgs) == "think"
+  canon = canonical_messages(msgs)
+  assert canon[2]["content"] == "Two." and canon[4]["content"] == "Plain answer."
+  assert canon[6]["content"] == "<think>\nred\n</think>\n\nRed."
+  ex = encode_example(msgs, tokenizer, base_dir=media)
+  decoded = decode_conversation(ex["input_ids"], tokenizer)
+  assert decoded == _strip_media(canon)
+  # Encoding the canonical conversation again changes nothing (the template is idempotent).
+  again = encode_example(canon, tokenizer, base_dir=media)
+  np.testing.assert_array_equal(again["input_ids"], ex["input_ids"])
+  # Loss mask, exactly: the think-less earlier answer (kept as the model wrote it) and the whole final turn,
+  # think block included, each with its <|im_end|>; the earlier turn whose thinking was dropped is context.
+  ids, mask = ex["input_ids"], ex["loss_mask"]
+  spans, cur = [], []
+  for i in range(len(ids)):
+    if mask[i]:
+      cur.append(int(ids[i]))
+    elif cur:
+      spans.append(tokenizer.decode(cur))
+      cur = []
+  spans.append(tokenizer.decode(cur)) if cur else None
+  assert spans == ["Plain answer.<|im_end|>", "<think>\nred\n</think>\n\nRed.<|im_end|>"]
+  # The generation prompt for the last turn is a prefix of the training example.
+  p = encode_prompt(msgs[:-1], tokenizer, base_dir=media)["input_ids"]
+  np.testing.assert_array_equal(ids[:len(p)], p)
+  assert mask[len(p):].tolist() == [True] * (len(ids) - len(p) - 1) + [False]   # the final "\n" is not
+
+
+def test_round_trip_text_only_and_bad_ids(tokenizer):
+  msgs = [{"role": "user", "content": "Hi /no_think"}, {"role": "assistant", "content": "Hello."}]
+  ids = encode_example(msgs, tokenizer)["input_ids"]
+  assert decode_conversation(ids, tokenizer) == [
+      {"role": "user", "content": "Hi /no_think"}, {"role": "assistant", "content": "<think>\n\n</think>\n\nHello."}]
+  with pytest.raises(ValueError, match="no <\\|im_end\\|>"):
+    decode_conversation(ids[:-3], tokenizer)
+  with pytest.raises(ValueError, match="not <\\|im_start\\|>"):
+    decode_conversation(ids[1:], tokenizer)
+  with pytest.raises(ValueError, match="content must be"):
+    encode_example([{"role": "user", "content": 3}], tokenizer)
