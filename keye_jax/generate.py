@@ -14,8 +14,21 @@ prompt at the end of the bucket; pad slots get position 1 and segment id 0. Afte
 rows are `cache slot + rope_delta` with rope_delta = max(prompt ids) + 1 - S_bucket (model.md §5).
 
 Sampling: greedy (temperature 0), or temperature then top-k then top-p, seeded by `jax.random.key(seed)`
-folded with the step number, so a run is reproducible whatever the chunking. `logprobs` are the model's
-own log-probabilities (log_softmax of the raw logits) of the chosen tokens, which is what RL needs.
+folded with the step number, so a run is reproducible whatever the chunking.
+
+Log-probs: `Generation.logprobs` are the log-probabilities of the chosen tokens under the distribution
+they were SAMPLED from: log_softmax(logits / temperature) restricted to the top-k/top-p support and
+renormalised over it. Greedy (temperature 0) keeps the model's own log_softmax of the raw logits. The RL
+contract: at temperature 1 with top_k=0 and top_p=1 both are exactly the model's log_softmax of the
+chosen tokens, i.e. what the trainer recomputes with a full forward (old-policy log-probs).
+
+Weights: `set_weights(model_or_state)` swaps in new weights (e.g. every RL step) without rebuilding or
+recompiling: they are put onto the sampler's own shardings in one `jax.device_put` (a no-op when the
+arrays already lie there). The compiled programs take the weights as arguments, never as constants.
+
+The multi-sample RL rollout engine (continuous batching, one prefill per prompt) is `keye_jax.rollout`;
+it shares this module's maths (`sample_token`, `pack_prompts`, `bucket`). The `keye generate` command
+lives in `keye_jax.cli.generate`.
 """
 
 from __future__ import annotations
@@ -69,8 +82,12 @@ class Prompt:
 
 @dataclasses.dataclass
 class Generation:
+  """One sampled continuation. `logprobs[i]` is log p(tokens[i]) under the distribution the token was
+  drawn from (temperature-scaled, top-k/top-p renormalised; greedy: the model's log_softmax). At
+  temperature 1 without top-k/top-p it is the model's own log_softmax, what a full forward recomputes."""
+
   tokens: list[int]                 # generated ids, including the stop token if one ended the row
-  logprobs: list[float]             # per generated token
+  logprobs: list[float]             # per generated token, under the sampled distribution (see above)
   text: str                         # decoded without special tokens, cut before a stop string
   finish_reason: str                # "stop" (stop token or string) or "length"
   thinking: str = ""                # text inside <think>...</think>, if any
@@ -97,25 +114,46 @@ def split_thinking(text: str) -> tuple[str, str]:
 
 
 def sample_token(logits_bv, key, temperature, top_k, top_p, *, greedy: bool):
-  """Next token (B,) and its log-probability under the raw logits (B,).
-  temperature, top_k (0 = off) and top_p are traced scalars: changing them never recompiles."""
+  """Next token (B,) and its log-probability (B,) under the distribution it was drawn from.
+
+  greedy: argmax, log-prob = log_softmax(raw logits). Otherwise: logits / temperature, then top-k, then
+  top-p (on what top-k kept); the token is drawn from, and its log-prob taken under, that distribution
+  renormalised over the kept support. temperature, top_k (0 = off) and top_p (>= 1 = off) are traced
+  scalars or per-row (B,) arrays, so changing them never recompiles; a row with temperature <= 0 is
+  greedy even on this path (the rollout engine mixes such rows). `key` is one key for the batch or one
+  key per row (B,) (a row's draw then depends on its own key only). Without top-k/top-p anywhere in the
+  batch the sort is skipped (a `lax.cond`).
+  """
   logits_bv = logits_bv.astype(jnp.float32)
   logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+  argmax = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   if greedy:
-    tok = jnp.argmax(logits_bv, axis=-1)
-  else:
-    x = logits_bv / jnp.maximum(temperature, 1e-6)
-    v = x.shape[-1]
-    desc = -jnp.sort(-x, axis=-1)                                      # (B, V) largest first
+    return argmax, jnp.take_along_axis(logp_bv, argmax[:, None], axis=-1)[:, 0]
+  row = lambda a: jnp.reshape(jnp.asarray(a), (-1, 1))            # scalar -> (1, 1), (B,) -> (B, 1)
+  temperature, top_k, top_p = row(temperature), row(top_k), row(top_p)
+  x = logits_bv / jnp.maximum(temperature, 1e-6)
+  v = x.shape[-1]
+
+  def threshold():
+    desc = -jnp.sort(-x, axis=-1)                                    # (B, V) largest first
     rank = jnp.arange(v)[None, :]
-    keep = rank < jnp.where(top_k > 0, top_k, v)                       # top-k on ranks
-    desc_k = jnp.where(keep, desc, -jnp.inf)
-    p = jax.nn.softmax(desc_k, axis=-1)
-    keep &= (jnp.cumsum(p, axis=-1) - p) < top_p                       # top-p on what top-k kept
-    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    tok = jax.random.categorical(key, jnp.where(x >= threshold, x, -jnp.inf), axis=-1)
-  tok = tok.astype(jnp.int32)
-  return tok, jnp.take_along_axis(logp_bv, tok[:, None], axis=-1)[:, 0]
+    keep = rank < jnp.where(top_k > 0, top_k, v)                     # top-k on ranks
+    p = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
+    keep &= ((jnp.cumsum(p, axis=-1) - p) < top_p) | (top_p >= 1.0)  # top-p on what top-k kept
+    return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+
+  filtered = jnp.any((top_k > 0) | (top_p < 1.0))
+  thr = jax.lax.cond(filtered, threshold, lambda: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype))
+  masked = jnp.where(x >= thr, x, -jnp.inf)
+  if jnp.ndim(key) == 0:
+    tok = jax.random.categorical(key, masked, axis=-1)
+  else:
+    tok = jax.vmap(lambda k, m: jax.random.categorical(k, m))(key, masked)
+  sampled_logp = jax.nn.log_softmax(masked, axis=-1)
+  is_greedy = temperature[:, 0] <= 0
+  tok = jnp.where(is_greedy, argmax, tok.astype(jnp.int32))
+  logp = jnp.where(is_greedy[:, None], logp_bv, sampled_logp)
+  return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +216,7 @@ class Sampler:
                batch_buckets=BATCH_BUCKETS, patch_buckets=PATCH_BUCKETS, stream_chunk: int = 16):
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(model)
+    self._shardings = jax.tree.map(lambda a: a.sharding, self.state)
     self.tokenizer = tokenizer
     self.mesh = mesh
     self.length_buckets, self.new_token_buckets = tuple(length_buckets), tuple(new_token_buckets)
@@ -192,6 +231,13 @@ class Sampler:
     self.trace_counts: collections.Counter = collections.Counter()
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "new_len", "greedy"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy",), donate_argnums=(1,))
+
+  def set_weights(self, model_or_state) -> None:
+    """Swap in new weights: a KeyeVL (e.g. `ModelShape.build(params)` over the trainer's arrays) or its
+    `nnx.State`, same structure, shapes and dtypes as the model this sampler was built with. One
+    `jax.device_put` onto the sampler's shardings reshards from the training layout (a no-op for arrays
+    already there); nothing is rebuilt or recompiled."""
+    self.state = put_weights(model_or_state, self.state, self._shardings)
 
   # ---- jitted bodies ----------------------------------------------------------------------------
 
@@ -410,8 +456,22 @@ def token_id(tokenizer, name: str) -> int | None:
   return None
 
 
+def put_weights(model_or_state, like: nnx.State, shardings) -> nnx.State:
+  """`model_or_state`'s state checked against `like` (structure, shapes, dtypes) and put onto
+  `shardings` in one device_put (arrays already on their target sharding are not copied)."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  got, want = jax.tree.structure(state), jax.tree.structure(like)
+  if got != want:
+    raise ValueError(f"set_weights: the new weights' tree differs from the sampler's model ({got} vs {want})")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(like)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"set_weights: {jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)}, the sampler's "
+                       f"model has {b.dtype}{list(b.shape)}")
+  return jax.device_put(state, shardings)
+
+
 # --------------------------------------------------------------------------------------------------
-# Entry points for the CLI and the evaluation harness.
+# Prompts for the CLI and the evaluation harness.
 
 
 def encode_messages(messages: list[dict], tokenizer, processor=None, thinking: bool | None = None,
@@ -421,20 +481,3 @@ def encode_messages(messages: list[dict], tokenizer, processor=None, thinking: b
   vision = len(ex["grids_hw"]) > 0
   return Prompt(ex["input_ids"], ex["position_ids"], ex["pixel_values"] if vision else None,
                 ex["grids_hw"] if vision else None)
-
-
-def generate_cli(model: KeyeVL, tokenizer, prompt: str, images: Sequence[str] = (), videos: Sequence[str] = (),
-                 max_new_tokens: int = 512, temperature: float = 0.0, stream: Callable[[str], None] | None = None,
-                 *, top_k: int = 0, top_p: float = 1.0, seed: int = 0, processor=None, mesh=None,
-                 sampler: Sampler | None = None) -> dict:
-  """`keye generate`: one user turn (images, then videos, then the text), answer streamed to `stream`.
-  Returns {"text", "tokens", "thinking", "answer", "finish_reason"}."""
-  content = ([{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
-             + [{"type": "text", "text": prompt}])
-  p = encode_messages([{"role": "user", "content": content}], tokenizer, processor)
-  sampler = sampler or Sampler(model, tokenizer, mesh=mesh)
-  params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed)
-  g = sampler.generate([p], params, stream=(lambda _, s: stream(s)) if stream is not None else None)[0]
-  return {"text": g.text, "tokens": len(g.tokens), "thinking": g.thinking, "answer": g.answer,
-          "finish_reason": g.finish_reason}

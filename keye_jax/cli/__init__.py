@@ -59,13 +59,13 @@ def _plan(args) -> int:
 
 def _generate(args) -> int:
   from checkpoints_convert import load_model
-  from keye_jax import generate
+  from keye_jax.cli.generate import generate_cli
   from keye_jax.processing.tokenizer import load_tokenizer
   _, model = load_model(args.ckpt, args.override)
   tokenizer = load_tokenizer(args.ckpt)
-  result = generate.generate_cli(model, tokenizer, args.prompt, images=args.image, videos=args.video,
-                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 seed=args.seed, stream=lambda s: print(s, end="", file=sys.stderr, flush=True))
+  result = generate_cli(model, tokenizer, args.prompt, images=args.image, videos=args.video,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        seed=args.seed, stream=lambda s: print(s, end="", file=sys.stderr, flush=True))
   print(file=sys.stderr)
   _emit(result)
   return 0

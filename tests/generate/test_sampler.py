@@ -169,3 +169,47 @@ def test_sharded_sampler_matches_single_device():
   r = subprocess.run([sys.executable, "-m", "tests.generate.sharded_generate"], capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
+def test_logprobs_are_those_of_the_sampled_distribution():
+  """temperature / top-k / top-p: log-probs under the renormalised distribution the token came from; at
+  temperature 1 without filters exactly the model's log_softmax (the RL contract); greedy: log_softmax."""
+  from keye_jax.generate import sample_token
+  logits = jax.random.normal(jax.random.key(0), (6, 50)) * 3
+  sample = jax.jit(sample_token, static_argnames="greedy")
+  raw = np.asarray(jax.nn.log_softmax(logits, -1))
+  rows = np.arange(6)
+  tok, lp = sample(logits, jax.random.key(1), 1.0, 0, 1.0, greedy=False)
+  np.testing.assert_array_equal(np.asarray(lp), raw[rows, np.asarray(tok)])
+  tok, lp = sample(logits, jax.random.key(1), 0.0, 0, 1.0, greedy=True)
+  np.testing.assert_array_equal(np.asarray(lp), raw[rows, np.asarray(tok)])
+  tok, lp = sample(logits, jax.random.key(2), 0.5, 5, 0.9, greedy=False)
+  x = np.asarray(logits, np.float64) / 0.5
+  for r in range(6):
+    order = np.argsort(-x[r])[:5]
+    p = np.exp(x[r, order] - x[r, order].max())
+    p /= p.sum()
+    kept = order[:int(np.sum(np.cumsum(p) - p < 0.9))]
+    z = np.log(np.exp(x[r, kept] - x[r, kept].max()).sum()) + x[r, kept].max()
+    assert int(tok[r]) in kept
+    np.testing.assert_allclose(float(lp[r]), x[r, int(tok[r])] - z, rtol=1e-5, atol=1e-5)
+
+
+def test_set_weights_changes_outputs_without_recompiling(pair):
+  t, _, model = pair
+  sampler = Sampler(model, stop_token_ids=(), length_buckets=(16,), new_token_buckets=(8,))
+  prompts = [Prompt(p) for p in _prompts(np.random.default_rng(7), [6, 9], t.vocab_size)]
+  params = SamplingParams(max_new_tokens=8)
+  before = sampler.generate(prompts, params)
+  other = KeyeVL(model.cfg, rngs=nnx.Rngs(11))
+  sampler.set_weights(other)
+  after = sampler.generate(prompts, params)
+  assert [g.tokens for g in after] != [g.tokens for g in before]
+  assert [g.tokens for g in after] == [g.tokens for g in Sampler(other, stop_token_ids=(), length_buckets=(16,),
+                                                                 new_token_buckets=(8,)).generate(prompts, params)]
+  sampler.set_weights(nnx.state(model))
+  assert [g.tokens for g in sampler.generate(prompts, params)] == [g.tokens for g in before]
+  assert sampler.trace_counts["prefill"] == 1 and sampler.trace_counts["decode"] == 1, sampler.trace_counts
+  with pytest.raises(ValueError, match="set_weights"):
+    sampler.set_weights(KeyeVL(KeyeConfig(text=tiny_text_config(vocab_size=t.vocab_size * 2), vision=None),
+                               rngs=nnx.Rngs(0)))

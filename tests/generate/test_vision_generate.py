@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from keye_jax.cli.generate import generate_cli
 from keye_jax.config import KeyeConfig
 from keye_jax.evaluate import run_eval
-from keye_jax.generate import Sampler, SamplingParams, encode_messages, generate_cli
+from keye_jax.generate import Sampler, SamplingParams, encode_messages
 from keye_jax.model import KeyeVL
 from keye_jax.processing import build_demo_tokenizer
 from keye_jax.processing.vision_layout import vision_layout
