@@ -13,6 +13,8 @@ $(BIN)/.runtime: requirements.txt pyproject.toml
 
 $(BIN)/.test: requirements-test.txt $(BIN)/.runtime
 	$(BIN)/pip install -q -r requirements-test.txt
+	# Reference code only (tests exec single loss functions from their sources): files, no dependency trees.
+	$(BIN)/pip install -q --no-deps trl==1.16.0 verl==0.9.1
 	touch $@
 
 setup: $(BIN)/.runtime
