@@ -3,7 +3,8 @@
 `write_demo_dataset(out_dir, seed)` writes, in a few seconds on a CPU:
 
   out_dir/train.jsonl, test.jsonl          manifests; media paths relative to out_dir
-  out_dir/{train,test}_{image,video}.jsonl   each split by modality (images and text; videos)
+  out_dir/{train,test}_{image,video,reasoning}.jsonl   each split by kind (images and text; videos;
+                                           the reasoning questions, kept apart for SFT and RL)
   out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos (5-32 frames)
   out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
   out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
@@ -15,7 +16,10 @@ Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x
   video_event      a shape appears, moves or changes colour at a known time; what happened?
   video_time       ... when did it happen? (read from the frame timestamps)
   long_video       20-32 frames (10-16 s), one event; when? (the long-context stage)
-  reasoning        count by colour with a <think> trace, the user turn ending in /think
+  reasoning        counting with a <think> trace, the user turn ending in /think: a colour, a shape, how
+                   many more of one shape than another, one more added; videos: shapes at the end.
+                   Records carry `solution` (the worked answer) and `hints` (five levels, L1 concept ..
+                   L5 the solution) for progressive hint sampling
   text             text-only multiple choice (which word is a colour / a shape)
 Videos are static between events, so the unchanged frames become fast frames.
 
@@ -60,9 +64,9 @@ VIDEO_KEYS = {"fps": float(FPS)}
 VIDEO_CATEGORIES = ("video_event", "video_time", "long_video")
 # Examples per split and category: many image questions (cheap rows, learnable from the pixels).
 TRAIN_COUNTS = {"caption": 1500, "color": 1500, "shape": 1500, "count": 1500, "position": 1500,
-                "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 160, "text": 500}
+                "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 800, "text": 500}
 TEST_COUNTS = {"color": 40, "shape": 40, "count": 40, "position": 40, "video_event": 20, "video_time": 20,
-               "long_video": 10}
+               "long_video": 10, "reasoning": 40}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,17 +161,6 @@ class _Builder:
       objs = _scene(rng, rng.randint(1, 4))
       options, letter = _choices(rng, NUMBERS[len(objs)], NUMBERS[1:] + ("five",))
       return objs, _mc_text("How many shapes are there?", options), letter, options, letter
-    if category == "reasoning":
-      objs = _scene(rng, rng.randint(2, 4))
-      color = rng.choice([c for c, _, _ in objs])
-      matching = [o for o in objs if o[0] == color]
-      options, letter = _choices(rng, NUMBERS[len(matching)], NUMBERS)
-      seen = ", ".join(f"a {_name(c, s)} in {_where(p)}" for c, s, p in objs)
-      listed = " and ".join(f"the {s}" for _, s, _ in matching)
-      think = (f"<think>\nI see {seen}. The {color} ones are {listed}. "
-               f"That makes {NUMBERS[len(matching)]}, option {letter}.\n</think>\n\n{letter}")
-      q = _mc_text(f"How many {color} shapes are there?", options) + " /think"
-      return objs, q, think, options, letter
     objs = _scene(rng, 1 if category != "position" else rng.randint(1, 3))
     color, shape, cell = objs[0]
     if category == "color":
@@ -180,6 +173,63 @@ class _Builder:
       objs = [objs[0]] + [o for o in objs[1:] if (o[0], o[1]) != (color, shape)]
     options, letter = _choices(rng, correct, pool)
     return objs, _mc_text(q, options), letter, options, letter
+
+  def _reasoning(self, objs, end_of_video: bool = False):
+    """A counting question over `objs` with a worked solution: (question, '<think>...</think>' answer,
+    options, letter, solution, five hint levels). Kinds: count a colour, count a shape, how many more of
+    one shape than another, how many of a colour after one more is added; videos: shapes at the end."""
+    rng = self.rng
+    seen = ", ".join(f"a {_name(c, s)} in {_where(p)}" for c, s, p in objs)
+    where = "at the end of the video" if end_of_video else "in the image"
+    kind = "end" if end_of_video else rng.choice(("colour", "shape", "more", "add"))
+    if kind == "end":
+      n, q = len(objs), "How many shapes are there at the end of the video?"
+      steps = f"At the end I see {seen}. Counting them gives {NUMBERS[n]}."
+      strategy = "Look at the last frames and count every shape."
+    elif kind == "colour":
+      color = rng.choice([c for c, _, _ in objs])
+      match = [o for o in objs if o[0] == color]
+      n, q = len(match), f"How many {color} shapes are there?"
+      steps = f"I see {seen}. The {color} ones are {' and '.join(f'the {s}' for _, s, _ in match)}, so {NUMBERS[n]}."
+      strategy = f"List the shapes, then count the {color} ones."
+    elif kind == "shape":
+      shape = rng.choice([s for _, s, _ in objs])
+      match = [o for o in objs if o[1] == shape]
+      n, q = len(match), f"How many {shape}s are there?"
+      steps = f"I see {seen}. The {shape}s are {' and '.join(f'the {c} one' for c, _, _ in match)}, so {NUMBERS[n]}."
+      strategy = f"List the shapes, then count the {shape}s."
+    elif kind == "more":
+      counts = {s: sum(o[1] == s for o in objs) for s in SHAPES}
+      a, b = sorted(SHAPES, key=lambda s: -counts[s])[:2]
+      n, q = counts[a] - counts[b], f"How many more {a}s than {b}s are there?"
+      steps = (f"I see {seen}. There are {NUMBERS[counts[a]]} {a}s and {NUMBERS[counts[b]]} {b}s. "
+               f"{NUMBERS[counts[a]].capitalize()} minus {NUMBERS[counts[b]]} is {NUMBERS[n]}.")
+      strategy = f"Count the {a}s and the {b}s, then subtract."
+    else:
+      color = rng.choice([c for c, _, _ in objs])
+      have = sum(o[0] == color for o in objs)
+      n, q = have + 1, f"If one more {color} shape were added, how many {color} shapes would there be?"
+      steps = f"I see {seen}. There are {NUMBERS[have]} {color} shapes now. One more makes {NUMBERS[n]}."
+      strategy = f"Count the {color} shapes, then add one."
+    options, letter = _choices(rng, NUMBERS[n], NUMBERS + ("five",))
+    solution = f"{steps} That is option {letter}."
+    hints = [f"Look at every shape {where}: its colour, its shape and its place.", strategy,
+             "The answer is a count, and the options are numbers.", f"I see {seen}.", solution]
+    answer = f"<think>\n{solution}\n</think>\n\n{letter}"
+    return _mc_text(q, options) + " /think", answer, options, letter, solution, hints
+
+  def reasoning_record(self):
+    """('image', image) or ('video', frames), then _reasoning's fields; a fifth are videos."""
+    rng = self.rng
+    if rng.random() < 0.2:
+      n, k = rng.randint(5, 8), rng.randint(1, 3)
+      base = _scene(rng, rng.randint(1, 3))
+      free = [c for c in range(9) if c not in {o[2] for o in base}]
+      after = base + [(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(free))]
+      frames = [_draw(base if i < k else after) for i in range(n)]
+      return ("video", frames, *self._reasoning(after, end_of_video=True))
+    objs = _scene(rng, rng.randint(2, 4))
+    return ("image", _draw(objs), *self._reasoning(objs))
 
   def video_record(self, category: str):
     """(frames, question, answer text, options, letter) for video_event, video_time or long_video."""
@@ -257,7 +307,16 @@ def _records(split: str, counts: dict[str, int], rng: random.Random, media_dir: 
   for i, category in enumerate(order):
     rid = f"{split}-{i:05d}"
     media = {}
-    if category in VIDEO_CATEGORIES:
+    extra = {}
+    if category == "reasoning":
+      kind, media_obj, question, answer, options, letter, solution, hints = b.reasoning_record()
+      ext, data = (".mp4", _mp4(media_obj)) if kind == "video" else (".png", _png(media_obj))
+      rel = os.path.relpath(os.path.join(media_dir, f"{rid}{ext}"), out_dir)
+      media[rel] = data
+      content = [{"type": kind, kind: rel, **(VIDEO_KEYS if kind == "video" else {})},
+                 {"type": "text", "text": question}]
+      extra = {"solution": solution, "hints": hints}
+    elif category in VIDEO_CATEGORIES:
       frames, question, answer, options, letter = b.video_record(category)
       rel = os.path.relpath(os.path.join(media_dir, f"{rid}.mp4"), out_dir)
       media[rel] = _mp4(frames)
@@ -273,6 +332,7 @@ def _records(split: str, counts: dict[str, int], rng: random.Random, media_dir: 
     record = {"id": rid, "category": category, "messages": _message(content, answer)}
     if letter is not None:
       record.update(answer=letter, options=options)
+    record.update(extra)
     yield record, media
 
 
@@ -292,7 +352,7 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
     from array_record.python import array_record_module
     writer = array_record_module.ArrayRecordWriter(
         os.path.join(out_dir, "array_record", f"{split}.array_record"), "group_size:1")
-    by_modality = {"image": [], "video": []}
+    by_modality = {"image": [], "video": [], "reasoning": []}
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as manifest:
       for record, media in _records(split, counts, rng, media_dir, out_dir):
         for rel, data in media.items():
@@ -300,7 +360,9 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
             f.write(data)
         line = json.dumps(record) + "\n"
         manifest.write(line)
-        by_modality["video" if record["category"] in VIDEO_CATEGORIES else "image"].append(line)
+        category = record["category"]
+        by_modality[category if category == "reasoning" else
+                    "video" if category in VIDEO_CATEGORIES else "image"].append(line)
         blob = pack_record(record, out_dir)
         writer.write(blob)
         packed[split].append(blob)
