@@ -1,0 +1,210 @@
+"""The RL prompt stream: the Grain pipeline of train/data (sources, weighted mixture, seeded shuffle,
+per-process sharding, decoding in worker processes), yielding one tokenised prompt at a time.
+
+A prompt record is a conversation manifest row (or ArrayRecord/TFDS record) whose last turn is the
+user's, plus what the rewards and hints read:
+
+  {"id": "q17", "messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                           {"type": "text", "text": "How many? /think"}]}],
+   "reference": "3", "kind": "number", "options": [...], "hints": ["L1", ..., "L5"], "solution": "..."}
+
+A trailing assistant turn (an SFT record) is dropped; its text is the reference solution, and the
+reference answer when the record has neither `reference` nor `answer`.
+
+Each prompt: input_ids (Sp,), position_ids (3, Sp), pixel_values (Pp, 588) or None, grids_hw (n, 2) or
+None, `meta` (the fields above plus `prompt`, the last user turn's text), `key` (the prompt's element in
+the global mixture: the same whatever the number of processes; it seeds the prompt's sampling) and `raw`
+(the source item, to re-encode the prompt with a hint appended).
+
+The iterator's checkpoint state is Grain's read position plus `host_state`, a JSON dict the RL loop keeps
+there (pass rates, hint records), so both are saved per process with the data, and restored with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+
+import grain
+import numpy as np
+
+from train.data.config import DataConfig
+from train.data.decode import PATCH_DIM, _reason
+from train.data.mixture import build_dataset
+from train.data.records import RecordError, materialize, unpack_record
+from train.data.sources import open_source
+
+log = logging.getLogger("train.rl")
+
+
+def _text(content) -> str:
+  if isinstance(content, str):
+    return content
+  return "".join(e.get("text", "") for e in content or [] if isinstance(e, dict) and e.get("type", "text") == "text"
+                 and "text" in e)
+
+
+def with_hint(messages: list[dict], hint: str) -> list[dict]:
+  """The messages with `hint` appended to the last user turn's text (after the query)."""
+  messages = copy.deepcopy(messages)
+  last = messages[-1]
+  if isinstance(last["content"], str):
+    last["content"] = last["content"] + hint
+  else:
+    last["content"] = list(last["content"]) + [{"type": "text", "text": hint}]
+  return messages
+
+
+class PromptDecoder:
+  """Picklable: raw source item -> prompt dict, or {"_bad": reason, ...} / {"_skip": reason}."""
+
+  def __init__(self, tokenizer, source_id: int, vision_kwargs: dict | None = None, *, max_len: int = 1 << 30,
+               max_patches: int = 1 << 30, keep_ids: frozenset | None = None, drop_ids: frozenset | None = None,
+               categories: tuple = (), encode=None):
+    self.categories = frozenset(categories)
+    self.tokenizer, self.source_id = tokenizer, source_id
+    self.vision_kwargs = dict(vision_kwargs or {})
+    self.max_len, self.max_patches, self.keep_ids, self.drop_ids = max_len, max_patches, keep_ids, drop_ids
+    self.encode_fn = encode
+
+  def __call__(self, raw: dict) -> dict:
+    where = raw.get("where", "?")
+    try:
+      out = self._decode(raw)
+    except Exception as e:  # one bad record costs one prompt, reported with its file
+      return {"_bad": _reason(e), "_error": f"{type(e).__name__}: {e}", "_where": where, "_source": self.source_id}
+    out.update(_where=where, _source=self.source_id)
+    return out
+
+  def _decode(self, raw: dict) -> dict:
+    try:
+      record, _ = unpack_record(raw["data"])
+    except json.JSONDecodeError as e:
+      raise RecordError(str(e)) from e
+    messages, meta = split_record(record, raw.get("where", "?"))
+    if (self.keep_ids is not None and meta["id"] not in self.keep_ids) or (
+        self.drop_ids is not None and meta["id"] in self.drop_ids):
+      return {"_skip": "pass rate not in (0, 1)"}
+    if self.categories and meta["category"] not in self.categories:
+      return {"_skip": "category not selected"}
+    p = self.encode(raw, None)
+    if len(p["input_ids"]) > self.max_len:
+      return {"_skip": "prompt too long"}
+    if p["pixel_values"] is not None and len(p["pixel_values"]) > self.max_patches:
+      return {"_skip": "too many patches"}
+    p["meta"] = meta
+    p["raw"] = {"data": bytes(raw["data"]), "base_dir": raw.get("base_dir", ""), "where": raw.get("where", "?")}
+    return p
+
+  def encode(self, raw: dict, hint: str | None) -> dict:
+    """The prompt's arrays, with `hint` appended to the last user turn when given."""
+    record, blobs = unpack_record(raw["data"])
+    messages, _ = split_record(record, raw.get("where", "?"))
+    if hint:
+      messages = with_hint(messages, hint)
+    if blobs:
+      with tempfile.TemporaryDirectory(prefix="keye-prompt-") as tmp:
+        record = materialize({**record, "messages": messages}, blobs, tmp)
+        ex = self._encode(record["messages"], tmp)
+    else:
+      ex = self._encode(messages, raw.get("base_dir") or None)
+    vision = len(ex["grids_hw"]) > 0
+    return {"input_ids": np.asarray(ex["input_ids"], np.int32),
+            "position_ids": np.asarray(ex["position_ids"], np.int32),
+            "pixel_values": np.asarray(ex["pixel_values"], np.float32).reshape(-1, PATCH_DIM) if vision else None,
+            "grids_hw": np.asarray(ex["grids_hw"], np.int32).reshape(-1, 2) if vision else None}
+
+  def _encode(self, messages, base_dir):
+    if self.encode_fn is not None:
+      return self.encode_fn(messages, self.tokenizer, base_dir=base_dir, **self.vision_kwargs)
+    from keye_jax.processing.chat import encode_prompt
+    return encode_prompt(messages, self.tokenizer, base_dir=base_dir, **self.vision_kwargs)
+
+
+def split_record(record: dict, where: str) -> tuple[list[dict], dict]:
+  """(the prompt's messages, ending with the user's turn; meta for rewards and hints)."""
+  messages = record.get("messages")
+  if not isinstance(messages, list) or not messages:
+    raise RecordError("no messages")
+  solution = record.get("solution")
+  if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+    solution = solution if solution is not None else _text(messages[-1].get("content"))
+    messages = messages[:-1]
+  if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+    raise RecordError("the conversation does not end with a user turn")
+  reference = record.get("reference", record.get("answer"))
+  if reference is None:
+    reference = solution
+  meta = {"id": str(record.get("id", where)), "prompt": _text(messages[-1].get("content")),
+          "reference": reference, "answer": reference, "kind": record.get("kind"),
+          "answer_kind": record.get("kind"),
+          "options": record.get("options"), "hints": record.get("hints"), "solution": solution,
+          "category": record.get("category")}
+  return messages, meta
+
+
+class PromptStream(grain.DatasetIterator):
+  """Yields decoded prompts of this process, skipping bad and filtered ones (counted in `stats`)."""
+
+  def __init__(self, parent: grain.DatasetIterator, decoders: list[PromptDecoder], names: list[str],
+               process_index: int, process_count: int):
+    super().__init__(parent)
+    self.decoders, self.names = decoders, names
+    self.process_index, self.process_count = process_index, process_count
+    self.host_state: dict = {}
+    self._stats = {"prompts": 0, "bad": {}, "skipped": {}}
+
+  def __next__(self) -> dict:
+    while True:
+      item = next(self._parent)
+      if "_bad" in item:
+        self._stats["bad"][item["_bad"]] = self._stats["bad"].get(item["_bad"], 0) + 1
+        log.warning("skipping bad prompt %s: %s", item.get("_where"), item.get("_error"))
+        continue
+      if "_skip" in item:
+        self._stats["skipped"][item["_skip"]] = self._stats["skipped"].get(item["_skip"], 0) + 1
+        continue
+      self._stats["prompts"] += 1
+      # Element i of this process's shard is element i * n + j of the global mixture (mixture.py).
+      item["key"] = int(item["_index"]) * self.process_count + self.process_index
+      return item
+
+  def encode(self, prompt: dict, hint: str | None) -> dict:
+    """`prompt` re-encoded with `hint` appended after the query (same source decoder)."""
+    return self.decoders[prompt["_source"]].encode(prompt["raw"], hint)
+
+  def get_state(self) -> dict:
+    return {"parent": self._parent.get_state(), "stats": copy.deepcopy(self._stats),
+            "host": copy.deepcopy(self.host_state)}
+
+  def set_state(self, state: dict):
+    self._parent.set_state(state["parent"])
+    self._stats = copy.deepcopy(state["stats"])
+    self.host_state = copy.deepcopy(state.get("host", {}))
+
+  def stats(self) -> dict:
+    return copy.deepcopy(self._stats)
+
+
+def make_prompt_stream(cfg: DataConfig, tokenizer, *, max_len: int, max_patches: int,
+                       keep_ids: frozenset | None = None, drop_ids: frozenset | None = None, categories=(),
+                       encode=None, process_index: int | None = None,
+                       process_count: int | None = None) -> PromptStream:
+  """This process's prompt stream (see the module docstring)."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  sources = [open_source(s) for s in cfg.sources]
+  decoders = [PromptDecoder(tokenizer, i, cfg.vision, max_len=max_len, max_patches=max_patches, keep_ids=keep_ids,
+                            drop_ids=drop_ids, categories=categories, encode=encode) for i in range(len(sources))]
+  ds = build_dataset(cfg, sources, decoders, process_index, process_count)
+  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if cfg.workers else 2, prefetch_buffer_size=16))
+  if cfg.workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
+                                                             per_worker_buffer_size=cfg.worker_buffer_size))
+  return PromptStream(iter(stream), decoders, [s.display_name for s in cfg.sources], process_index, process_count)
