@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.rl.hints import CutRule, HintTracker, hints_for, with_hint
+from train.rl.hints import CutRule, HintTracker, hint_levels, hints_for, with_hint
 
 SOLUTION = "Area of a circle is pi r^2.\nr = 3.\nSo area = 9 pi.\n9 pi is about 28.27.\nAnswer: 28.27"
 
@@ -30,6 +30,10 @@ def test_hints_from_field_and_from_solution():
     hints_for({"id": "x", "hints": {"L1": "a"}})
   with pytest.raises(ValueError, match="non-decreasing"):
     CutRule(fractions=(0.5, 0.1, 0.2, 0.3, 1.0))
+  assert hint_levels({"solution": SOLUTION}) == cut  # "auto": several lines -> lines
+  assert hint_levels({"solution": "One. Two."})[0] == "One."  # one line -> sentences
+  with pytest.raises(ValueError, match="is not lines"):
+    hint_levels({"solution": "x"}, rule="words")
   assert with_hint("What is the area?", "r = 3.") == "What is the area?\n\nHint: r = 3."
   assert with_hint("Q", None) == "Q"
 

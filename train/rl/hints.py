@@ -73,6 +73,17 @@ def hints_for(record: Mapping, rule: CutRule = CutRule()) -> list[str] | None:
   return hints
 
 
+def hint_levels(record: Mapping, rule: str | CutRule = "auto") -> list[str] | None:
+  """`hints_for` with the rule named in a config: "auto" (lines when the solution has several lines,
+  else sentences), "lines", "sentences", "paragraphs", or a CutRule."""
+  if isinstance(rule, str):
+    if rule == "auto":
+      solution = str(record.get("solution") or "")
+      rule = "lines" if len(_steps(solution, "lines")) > 1 else "sentences"
+    rule = CutRule(split=rule)
+  return hints_for(record, rule)
+
+
 def with_hint(query: str, hint: str | None, template: str = "\n\nHint: {hint}") -> str:
   """The query with the hint appended after it (unchanged when hint is None)."""
   return query if hint is None else query + template.format(hint=hint)
