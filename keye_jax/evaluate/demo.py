@@ -1,15 +1,16 @@
 """The synthetic demo benchmark (train/data/demo.py): `test.jsonl` of four-option questions.
 
 Record: {"id", "category", "messages": [user, assistant], "answer": "B", "options": [...]}; media paths
-are relative to the manifest. The user turn is asked as is (a " /think" suffix selects thinking mode)."""
+are relative to the manifest. The user turn is asked as is (a " /think" suffix selects thinking mode).
+A record with IFEval-style `instruction_id_list` + `kwargs` is an instruction-following item, scored by
+lm-eval's IFEval checkers (prompt-level strict; loose alongside; keye_jax/evaluate/ifeval.py)."""
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 
-from keye_jax.evaluate.items import Item
+from keye_jax.evaluate.items import Item, need, read_jsonl
 
 NAME = "demo"
 MAX_NEW_TOKENS = 128
@@ -28,17 +29,26 @@ def _absolute(messages: list[dict], root: str) -> list[dict]:
   return messages
 
 
+def _text(content) -> str:
+  if isinstance(content, str):
+    return content
+  return "".join(e.get("text", "") for e in content or [] if isinstance(e, dict))
+
+
 def load(data_path: str, media_dir: str | None = None) -> list[Item]:
   path = os.path.join(data_path, "test.jsonl") if os.path.isdir(data_path) else data_path
   root = os.path.dirname(os.path.abspath(path))
   items = []
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      r = json.loads(line)
-      turns = [m for m in r["messages"] if m["role"] != "assistant"]
-      items.append(Item(id=str(r["id"]), messages=_absolute(turns, root), kind="choice", answer=r["answer"],
-                        options=list(r.get("options") or []),
-                        categories={"category": r.get("category", "all")}))
+  for n, r in read_jsonl(path):
+    where = f"{path} line {n}"
+    turns = [m for m in need(r, "messages", where) if m.get("role") != "assistant"]
+    cats = {"category": r.get("category", "all")}
+    if "instruction_id_list" in r:
+      prompt = "".join(_text(m.get("content")) for m in turns)
+      items.append(Item(id=str(need(r, "id", where)), messages=_absolute(turns, root), kind="ifeval",
+                        categories=cats, extra={"instruction_id_list": list(r["instruction_id_list"]),
+                                                "kwargs": list(need(r, "kwargs", where)), "prompt": prompt}))
+      continue
+    items.append(Item(id=str(need(r, "id", where)), messages=_absolute(turns, root), kind="choice",
+                      answer=need(r, "answer", where), options=list(r.get("options") or []), categories=cats))
   return items

@@ -2,13 +2,17 @@
 
 An adapter module has `NAME`, `MAX_NEW_TOKENS` and `load(data_path, media_dir) -> list[Item]` (media
 that arrive as bytes inside the published files are written once to `media_dir`); it may define
-`score(item, text, judge) -> dict` to replace `scoring.score`.
+`score(item, text, judge) -> dict` to replace `scoring.score`, `NEEDS_JUDGE = True`, and
+`diagnostics(records) -> dict` for extra entries of results.json. An item whose media cannot be found
+carries `error` (it counts as an error and as wrong; the load goes on).
+Malformed files are a ValueError naming the file, the line and the key (`read_jsonl`, `read_json`, `need`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 
 from keye_jax.evaluate.extract import LETTERS
@@ -26,6 +30,7 @@ class Item:
   options: list[str] = dataclasses.field(default_factory=list)
   categories: dict[str, str] = dataclasses.field(default_factory=dict)   # group name -> category
   extra: dict = dataclasses.field(default_factory=dict)
+  error: str | None = None                  # why the item cannot be run (missing media); scored as wrong
 
 
 def user(content: list[dict]) -> list[dict]:
@@ -79,3 +84,36 @@ def find_files(data_path: str, suffix: str) -> list[str]:
   if not found:
     raise FileNotFoundError(f"no *{suffix} files under {data_path}")
   return found
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+  """(line number, record) for each non-empty line; bad JSON is a ValueError naming the file and line."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(r, dict):
+        raise ValueError(f"{path} line {n}: expected a JSON object, got {type(r).__name__}")
+      out.append((n, r))
+  return out
+
+
+def read_json(path: str):
+  """A whole-file JSON document; bad JSON is a ValueError naming the file, line and column."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def need(record: dict, key: str, where: str):
+  """record[key], or a ValueError naming the key and where the record is ('FILE line N')."""
+  if not isinstance(record, dict) or key not in record:
+    raise ValueError(f"{where}: missing key {key!r}")
+  return record[key]

@@ -1,4 +1,7 @@
-"""MMMU validation as published (MMMU/MMMU on the Hub): one `{Subject}/validation-*.parquet` per subject.
+"""MMMU validation as published (MMMU/MMMU on the Hub): one `{Subject}/validation-*.parquet` per subject, or
+the auto-converted layout `{Subject}/validation/0000.parquet`. Only validation files are read: a file's
+split is the first part of its path below the data directory named dev / validation / test (a folder
+or a file name's prefix), so dev rows (few-shot examples) are never scored.
 
 Columns used: id ("validation_Art_Theory_12"), question (with "<image k>" references), options (a Python
 list written as a string), answer (a letter; for open questions the text or a list-string of accepted
@@ -9,6 +12,8 @@ text. Categories: subject and discipline (MMMU's six groups)."""
 from __future__ import annotations
 
 import ast
+import os
+import re
 
 from keye_jax.evaluate.items import CHOICE_PROMPT, OPEN_PROMPT, Item, find_files, lettered, read_parquet_rows, \
     save_media, user
@@ -70,7 +75,40 @@ def item_from_row(row: dict, media_dir: str, categories: dict | None = None) -> 
               cats)
 
 
+SPLITS = ("dev", "validation", "test")
+
+
+def split_of(path: str, root: str) -> str | None:
+  """'dev' / 'validation' / 'test' from the first path part below `root` that names one, else None."""
+  for part in os.path.relpath(path, root).split(os.sep):
+    m = re.match(r"(dev|validation|test)(?:$|[-_.])", part.lower())
+    if m:
+      return m.group(1)
+  return None
+
+
+def select_validation(files: list[str], data_path: str) -> list[str]:
+  """The validation files; all files when none names a split; a ValueError when others do but none is
+  validation."""
+  if os.path.isfile(data_path):
+    return files
+  splits = {f: split_of(f, data_path) for f in files}
+  val = [f for f in files if splits[f] == "validation"]
+  if val:
+    return val
+  if any(splits.values()):
+    found = sorted({s for s in splits.values() if s})
+    raise ValueError(f"no validation split under {data_path} (found {', '.join(found)})")
+  return files
+
+
 def load(data_path: str, media_dir: str) -> list[Item]:
-  files = find_files(data_path, ".parquet")
-  val = [f for f in files if "validation" in f.split("/")[-1]] or files
-  return [item_from_row(r, media_dir) for f in val for r in read_parquet_rows(f)]
+  files = select_validation(find_files(data_path, ".parquet"), data_path)
+  items = []
+  for f in files:
+    for i, r in enumerate(read_parquet_rows(f)):
+      try:
+        items.append(item_from_row(r, media_dir))
+      except KeyError as e:
+        raise ValueError(f"{f} row {i}: missing key {e}") from None
+  return items

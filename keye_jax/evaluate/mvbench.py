@@ -2,14 +2,17 @@
 
 Layout: `json/{task}.json` (a list of {"video", "question", "candidates", "answer", optional "start",
 "end" in seconds}) and `video/{source folder}/{video}`; the answer is the text of the right candidate.
-A video that is a folder of frames is read as a list of images. Categories: the task (file name)."""
+A video that is a folder of frames is read as a list of images; with "start"/"end" only the frames inside
+that window, as MVBench's own reader does (frames numbered from 1 at FRAME_FPS = 3 frames per second:
+indices round(start * 3) .. round(end * 3)); a video file gets video_start/video_end. A missing video is
+an item error, not the end of the load. Categories: the task (file name)."""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 
-from keye_jax.evaluate.items import CHOICE_PROMPT, Item, find_files, index_files, lettered, user
+from keye_jax.evaluate.items import CHOICE_PROMPT, Item, find_files, index_files, lettered, need, read_json, user
 
 NAME = "mvbench"
 MAX_NEW_TOKENS = 64
@@ -27,6 +30,22 @@ VIDEO_FOLDERS = {
     "object_existence": "clevrer/video_validation", "action_count": "perception/videos",
 }
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+FRAME_FPS = 3  # MVBench's frame folders (tvqa frames_fps3_hq) are sampled at 3 fps, numbered from 1
+
+
+def frames_in_window(frames: list[str], start: float | None, end: float | None) -> list[str]:
+  """The frames of a folder (sorted paths) whose number lies in [round(start*3), round(end*3)]; a frame's
+  number is the last integer of its file name, else its position from 1."""
+  if start is None or end is None:
+    return frames
+  lo, hi = max(1, round(start * FRAME_FPS)), round(end * FRAME_FPS)
+
+  def number(i: int, path: str) -> int:
+    digits = re.findall(r"\d+", os.path.splitext(os.path.basename(path))[0])
+    return int(digits[-1]) if digits else i + 1
+
+  kept = [p for i, p in enumerate(frames) if lo <= number(i, p) <= hi]
+  return kept or frames
 
 
 def _video(root: str, task: str, name: str, by_name: dict[str, str]):
@@ -48,15 +67,27 @@ def load(data_path: str, media_dir: str | None = None) -> list[Item]:
   items = []
   for path in files:
     task = os.path.splitext(os.path.basename(path))[0]
-    with open(path) as f:
-      records = json.load(f)
+    records = read_json(path)
+    if not isinstance(records, list):
+      raise ValueError(f"{path}: expected a JSON list of questions")
     for i, r in enumerate(records):
-      candidates = [str(c) for c in r["candidates"]]
-      element = {"type": "video", "video": _video(root, task, r["video"], by_name)}
-      if "start" in r and "end" in r and isinstance(element["video"], str):
-        element.update(video_start=float(r["start"]), video_end=float(r["end"]))
-      text = f"Question: {r['question']}\nOptions:\n{lettered(candidates, '({letter}) {text}')}\n{CHOICE_PROMPT}"
-      letter = "ABCDEFGHIJ"[candidates.index(str(r["answer"]))]
-      items.append(Item(f"{task}/{i}", user([element, {"type": "text", "text": text}]), "choice", letter,
-                        candidates, {"task": task}))
+      where = f"{path} item {i}"
+      candidates = [str(c) for c in need(r, "candidates", where)]
+      answer, error = str(need(r, "answer", where)), None
+      if answer not in candidates:
+        raise ValueError(f"{where}: answer {answer!r} is not one of the candidates")
+      start, end = (float(r["start"]), float(r["end"])) if "start" in r and "end" in r else (None, None)
+      try:
+        video = _video(root, task, need(r, "video", where), by_name)
+      except FileNotFoundError as e:
+        video, error = "", str(e)
+      element = {"type": "video", "video": video}
+      if isinstance(video, list):
+        element["video"] = frames_in_window(video, start, end)
+      elif start is not None:
+        element.update(video_start=start, video_end=end)
+      text = f"Question: {need(r, 'question', where)}\nOptions:\n{lettered(candidates, '({letter}) {text}')}\n" \
+             f"{CHOICE_PROMPT}"
+      items.append(Item(f"{task}/{i}", user([element, {"type": "text", "text": text}]), "choice",
+                        "ABCDEFGHIJ"[candidates.index(answer)], candidates, {"task": task}, error=error))
   return items

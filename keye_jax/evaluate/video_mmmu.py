@@ -3,7 +3,8 @@
 Layout: `{Perception,Comprehension,Adaptation}/test-*.parquet`, plus the lecture videos `{id}.mp4`
 anywhere under the same root (the release unpacks them into discipline folders). Columns used: id
 ("validation_Art_Theory_1"), question, options (list), answer (letter, or text for open questions),
-question_type, and for Adaptation an optional `image` ({"bytes"}) shown after the video. Prompts follow
+question_type, and for Adaptation an optional `image` ({"bytes"}) shown after the video. A missing video
+is an item error (scored wrong), not the end of the load. Prompts follow
 the benchmark's own evaluation (lmms-eval). Categories: track, discipline and subject."""
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def item_from_row(row: dict, track: str, videos: dict[str, str], media_dir: str)
   else:
     text = f"{question}\n{DIRECT}"
   video = videos.get(f"{rid}.mp4")
-  if video is None:
-    raise FileNotFoundError(f"Video-MMMU item {rid}: no {rid}.mp4 under the data directory")
-  content = [{"type": "video", "video": video}]
+  error = None if video is not None else f"Video-MMMU item {rid}: no {rid}.mp4 under the data directory"
+  content = [{"type": "video", "video": video or ""}]
   image = row.get("image")
   if isinstance(image, dict) and image.get("bytes"):
     content.append({"type": "image", "image": save_media(image["bytes"], media_dir, rid)})
@@ -49,7 +49,7 @@ def item_from_row(row: dict, track: str, videos: dict[str, str], media_dir: str)
   subject = subject_of(rid)
   cats = {"track": track, "discipline": _DISCIPLINE_OF.get(subject, "other"), "subject": subject}
   return Item(f"{track}/{rid}", user(content), "choice" if mc else "open", str(row["answer"]).strip(), options,
-              cats)
+              cats, error=error)
 
 
 def load(data_path: str, media_dir: str) -> list[Item]:

@@ -30,7 +30,7 @@ class Scripted:
   """Stands in for the Sampler: replies by the first key found in the prompt text; checks the media."""
 
   def __init__(self, replies: dict[str, str]):
-    self.replies, self.calls, self.media = replies, 0, []
+    self.replies, self.calls, self.media, self.frames = replies, 0, [], []
 
   def generate(self, prompts, params):
     self.calls += 1
@@ -43,6 +43,8 @@ class Scripted:
               paths = e[key] if isinstance(e[key], list) else [e[key]]
               assert all(os.path.exists(p) for p in paths), e
               self.media.append(key)
+              if isinstance(e[key], list):
+                self.frames.append([os.path.basename(p) for p in paths])
       text = _text(messages)
       reply = next((r for k, r in self.replies.items() if k in text), "no idea")
       out.append(Generation(tokens=[1], logprobs=[0.0], text=reply, finish_reason="stop"))
@@ -51,6 +53,7 @@ class Scripted:
 
 def _run(name, data, out, replies, **kw):
   sampler = Scripted(replies)
+  kw.setdefault("checkpoint", "scripted")
   res = run_eval(None, None, name, str(data), str(out), sampler=sampler, encode=lambda m: m, batch_size=2, **kw)
   results = json.loads((out / "results.json").read_text())
   assert (out / "results.md").read_text().startswith(f"# {res['benchmark']}")
@@ -80,6 +83,30 @@ def test_mmmu_validation_parquet(tmp_path):
   assert results["categories"]["subject"]["Art_Theory"] == {"accuracy": 0.5, "n": 2}
   assert results["categories"]["discipline"]["Science"]["accuracy"] == 1.0
   assert sampler.media == ["image"] * 3
+
+
+def test_mmmu_auto_converted_layout_scores_validation_only(tmp_path):
+  """`Subject/validation/0000.parquet` next to `Subject/dev/0000.parquet`: the split is a folder, not a file
+  name prefix (issue 19: dev rows were scored too)."""
+  def row(i, split):
+    return dict(id=f"{split}_Math_{i}", question=f"Question {split} {i}?", options="['1', '2']", explanation="",
+                image_1={"bytes": _png(), "path": "a.png"}, image_2=None, img_type="[]", answer="A",
+                topic_difficulty="Easy", question_type="multiple-choice", subfield="x")
+  for split, n in (("validation", 2), ("dev", 5), ("test", 3)):
+    os.makedirs(tmp_path / "mmmu" / "Math" / split)
+    pq.write_table(pa.Table.from_pylist([row(i, split) for i in range(n)]),
+                   tmp_path / "mmmu" / "Math" / split / "0000.parquet")
+  res, results, _ = _run("mmmu", tmp_path / "mmmu", tmp_path / "out", {"Question validation": "A"})
+  assert res == {"benchmark": "mmmu", "accuracy": 1.0, "n": 2}
+  ids = [json.loads(x)["id"] for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+  assert ids == ["validation_Math_0", "validation_Math_1"]
+  # Only dev and test: an error naming what was found, not a silent score of the wrong split.
+  import shutil
+  shutil.rmtree(tmp_path / "mmmu" / "Math" / "validation")
+  with pytest.raises(ValueError, match="no validation split .*found dev, test"):
+    run_eval(None, None, "mmmu", str(tmp_path / "mmmu"), str(tmp_path / "out2"), sampler=Scripted({}),
+             encode=lambda m: m, checkpoint="x")
+  assert not (tmp_path / "out2").exists()
 
 
 def test_video_mmmu_parquet_and_videos(tmp_path):
@@ -122,45 +149,29 @@ def test_mvbench_json_and_video_folders(tmp_path):
     (root / "video" / "perception" / "videos" / v).write_bytes(b"\x00")
   frames = root / "video" / "tvqa" / "frames_fps3_hq" / "clip_a"
   os.makedirs(frames)
-  for i in range(3):
+  for i in range(1, 31):  # ten seconds at MVBench's 3 fps, numbered from 1
     (frames / f"{i:05d}.jpg").write_bytes(_png())
   replies = {"jump": "Best option:(B) 3", "bounce": "(B)", "Ross": "He is hungry."}
   res, results, sampler = _run("mvbench", root, tmp_path / "out", replies)
   assert res["accuracy"] == pytest.approx(2 / 3)
   assert results["categories"]["task"]["episodic_reasoning"]["accuracy"] == 1.0
   assert sampler.media == ["video"] * 3
+  # start 1.0 s, end 4.5 s: frames round(3.0) = 3 .. round(13.5) = 14, as MVBench's read_frame bounds them.
+  assert sampler.frames == [[f"{i:05d}.jpg" for i in range(3, 15)]]
 
 
-def test_mia_bench_rules_and_judge_command(tmp_path):
-  root = tmp_path / "mia"
-  os.makedirs(root / "images")
-  records = [
-      {"image": "http://images.cocodataset.org/val2017/000000000001.jpg",
-       "instruction": "Describe the image in one sentence without using the words \"room\" or \"bathroom\".",
-       "type": "basic", "num_of_component": 3,
-       "components": ["Describe the image", "in one sentence", "without using the words \"room\" or \"bathroom\""],
-       "component_weight": [4, 3, 3], "component_type": ["describe", "length_limit", "mention"]},
-      {"image": "http://images.cocodataset.org/val2017/000000000002.jpg",
-       "instruction": "Write a four-line poem about the scene.", "type": "creative", "num_of_component": 2,
-       "components": ["Write a poem about the scene", "four-line"], "component_weight": [6, 4],
-       "component_type": ["linguistics", "length_limit"]}]
-  (root / "instruction_benchmark_all.json").write_text(json.dumps(records))
-  for i in (1, 2):
-    (root / "images" / f"00000000000{i}.jpg").write_bytes(_png())
-  replies = {"one sentence": "A tiled room with a sink.", "four-line": "Sun on the sea\nWind in the tree\nA boat\n"}
-  # Without a judge only the rule-checkable components count.
-  res, results, _ = _run("mia_bench", root, tmp_path / "rules", replies)
-  assert res["accuracy"] == pytest.approx((3 / 6 + 0 / 4) / 2)
-  lines = [json.loads(x) for x in (tmp_path / "rules" / "predictions.jsonl").read_text().splitlines()]
-  assert [r["components"] for r in lines] == [[None, 1.0, 0.0], [None, 0.0]]
-  # A judge command grades the rest (here: full marks for whatever it is asked).
-  judge = tmp_path / "judge.sh"
-  judge.write_text("#!/bin/sh\ncat > /dev/null\necho 'score of component 1: 4/4, score of component 2: 3/3, "
-                   "score of component 3: 3/3, total score: 10/10'\n")
-  judge.chmod(0o755)
-  res, results, _ = _run("mia_bench", root, tmp_path / "judged", replies, judge_cmd=str(judge))
-  assert res["accuracy"] == pytest.approx(((4 + 3) / 10 + 6 / 10) / 2)
-  assert results["judge"] is True and results["categories"]["type"]["basic"]["accuracy"] == pytest.approx(0.7)
+def test_mvbench_missing_video_is_an_item_error(tmp_path):
+  root = tmp_path / "mvbench"
+  os.makedirs(root / "json")
+  os.makedirs(root / "video")
+  (root / "json" / "action_count.json").write_text(json.dumps([
+      {"video": "gone.mp4", "question": "How many jumps?", "candidates": ["2", "3"], "answer": "3"},
+      {"video": "here.mp4", "question": "How many bounces?", "candidates": ["5", "1"], "answer": "5"}]))
+  (root / "video" / "here.mp4").write_bytes(b"\x00")
+  res, results, sampler = _run("mvbench", root, tmp_path / "out", {"bounces": "A"})
+  assert res["n"] == 2 and res["accuracy"] == 0.5 and results["errors"] == 1
+  lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+  assert "gone.mp4 not found" in lines[0]["error"] and sampler.media == ["video"]
 
 
 def test_demo_benchmark_and_resume(tmp_path):
