@@ -247,12 +247,12 @@ class Sampler:
     model = nnx.merge(self.graphdef, state)
     b = batch["input_ids"].shape[0]
     embeds = model.embed(batch)
-    cache = _constrain_cache(model.decoder.init_cache(b, cache_len))
+    cache = constrain_cache(model.decoder.init_cache(b, cache_len))
     h, cache = model.decoder.prefill(embeds, batch["position_ids"], batch["segment_ids"], cache)
     logits = model.decoder.logits(h[:, -1])                        # only the last slot: (B, V)
     tok, logp = sample_token(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p, greedy=greedy)
     done = batch["dummy"] | jnp.isin(tok, stop_ids)
-    return dict(cache=_constrain_cache(cache),
+    return dict(cache=constrain_cache(cache),
                 tokens=jnp.zeros((b, new_len), jnp.int32).at[:, 0].set(tok),
                 logprobs=jnp.zeros((b, new_len), jnp.float32).at[:, 0].set(logp),
                 lengths=jnp.ones((b,), jnp.int32), done=done, stopped=done & ~batch["dummy"],
@@ -275,7 +275,7 @@ class Sampler:
       live = ~c["done"]
       tok, logp = jnp.where(live, tok, 0), jnp.where(live, logp, 0.0)
       hit = live & jnp.isin(tok, stop_ids)
-      return dict(c, cache=_constrain_cache(cache),
+      return dict(c, cache=constrain_cache(cache),
                   tokens=jax.lax.dynamic_update_index_in_dim(c["tokens"], tok, step, axis=1),
                   logprobs=jax.lax.dynamic_update_index_in_dim(c["logprobs"], logp, step, axis=1),
                   lengths=c["lengths"] + live.astype(jnp.int32), done=c["done"] | hit,
@@ -319,7 +319,7 @@ class Sampler:
     knobs = (jnp.float32(params.temperature), jnp.int32(params.top_k), jnp.float32(params.top_p), stop_arr)
     key = jax.random.key(params.seed)
 
-    with _mesh_context(self.mesh):
+    with mesh_context(self.mesh):
       carry = self._prefill(self.state, batch, key, *knobs, cache_len=seq_len + new_len, new_len=new_len,
                             greedy=greedy)
       chunked = stream is not None or bool(params.stop_strings)
@@ -340,39 +340,53 @@ class Sampler:
                          params.stop_strings, stop_ids) for r in range(len(prompts))]
 
   def _put(self, batch):
-    if self.mesh is None:
-      return {k: jnp.asarray(v) for k, v in batch.items()}
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from keye_jax.sharding import logical_to_spec
-    rows = logical_to_spec(("batch",), mesh_axes=self.mesh.axis_names)[0]
-
-    def put(k, v):
-      spec = P(None, rows) if k == "position_ids" else P(rows)
-      return jax.device_put(v, NamedSharding(self.mesh, spec))
-
-    return {k: put(k, v) for k, v in batch.items()}
+    return put_batch(batch, self.mesh)
 
   def _finish(self, tokens, logprobs, stopped, stop_strings, stop_ids) -> Generation:
-    tokens, logprobs = [int(t) for t in tokens], [float(x) for x in logprobs]
-    body = tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
-    text = self.decode(body)
-    for s in stop_strings:
-      if s in text:
-        text, stopped = text[:text.index(s)], True
-        # Keep the shortest token prefix that produced the stop string.
-        for n in range(1, len(tokens) + 1):
-          if s in self.decode(tokens[:n]):
-            tokens, logprobs = tokens[:n], logprobs[:n]
-            break
-    thinking, answer = split_thinking(text)
-    return Generation(tokens=tokens, logprobs=logprobs, text=text, thinking=thinking, answer=answer,
-                      finish_reason="stop" if stopped else "length")
+    return finish_generation(self.decode, tokens, logprobs, stopped, stop_strings, stop_ids)
 
   def decode(self, ids) -> str:
-    """Text without the <|...|> control tokens; <think> and </think> stay (they may be special tokens)."""
-    if self.tokenizer is None:
-      return ""
-    return _CONTROL.sub("", self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False))
+    return decode_text(self.tokenizer, ids)
+
+
+def decode_text(tokenizer, ids) -> str:
+  """Text without the <|...|> control tokens; <think> and </think> stay (they may be special tokens)."""
+  if tokenizer is None:
+    return ""
+  return _CONTROL.sub("", tokenizer.decode([int(i) for i in ids], skip_special_tokens=False))
+
+
+def finish_generation(decode, tokens, logprobs, stopped: bool, stop_strings, stop_ids) -> Generation:
+  """A Generation from a row's generated ids and log-probs: text without the stop token, cut before
+  the first stop string (tokens cut to the shortest prefix that produced it), thinking split off."""
+  tokens, logprobs = [int(t) for t in tokens], [float(x) for x in logprobs]
+  body = tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+  text = decode(body)
+  for s in stop_strings:
+    if s in text:
+      text, stopped = text[:text.index(s)], True
+      for n in range(1, len(tokens) + 1):
+        if s in decode(tokens[:n]):
+          tokens, logprobs = tokens[:n], logprobs[:n]
+          break
+  thinking, answer = split_thinking(text)
+  return Generation(tokens=tokens, logprobs=logprobs, text=text, thinking=thinking, answer=answer,
+                    finish_reason="stop" if stopped else "length")
+
+
+def put_batch(batch: dict, mesh) -> dict:
+  """Host batch -> device arrays, rows split over the mesh's batch axes (position_ids (3, B, S): axis 1)."""
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from keye_jax.sharding import logical_to_spec
+  rows = logical_to_spec(("batch",), mesh_axes=mesh.axis_names)[0]
+
+  def put(k, v):
+    spec = P(None, rows) if k == "position_ids" else P(rows)
+    return jax.device_put(v, NamedSharding(mesh, spec))
+
+  return {k: put(k, v) for k, v in batch.items()}
 
 
 class _TextWatcher:
@@ -415,7 +429,7 @@ class _TextWatcher:
     return carry
 
 
-def _constrain_cache(cache: dict) -> dict:
+def constrain_cache(cache: dict) -> dict:
   kv = ("layers", "batch", "act_heads", None, None)
   return dict(cache, k=constrain(cache["k"], kv), v=constrain(cache["v"], kv),
               segment_ids=constrain(cache["segment_ids"], ("batch", None)))
@@ -429,7 +443,7 @@ class _NoMesh:
     return False
 
 
-def _mesh_context(mesh):
+def mesh_context(mesh):
   return _NoMesh() if mesh is None else jax.set_mesh(mesh)
 
 

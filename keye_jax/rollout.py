@@ -1,0 +1,364 @@
+"""The RL rollout engine: G samples per prompt through a fixed number of decode slots.
+
+  engine = RolloutEngine(model, tokenizer, slots=32)
+  engine.set_weights(model_or_state)                       # every RL step; no rebuild, no recompile
+  out = engine.generate([Request(prompt, SamplingParams(temperature=1.0, seed=s), n=8), ...])
+  out.groups[i][j]                                         # Generation j of request i
+  out.vision_encodes, out.prefills, out.trace_counts      # counters (tests and benchmarks read them)
+
+How a rollout runs:
+  vision   each prompt's images/frames go through the vision tower and projector once (`_encode`); the
+           projected tokens are kept in `Rollout.vision_tokens` for later log-prob passes;
+  prefill  once per prompt, at batch 1 in the prompt's own length bucket (`_prefill`): its K/V (heads-major,
+           (L, 1, Hkv, S, hd)) and the logits of its last token stay on the device until its G samples
+           have all entered a slot;
+  insert   a sample entering slot r copies its prompt's K/V into cache row r (slots 0..S-1, the rest of
+           the row marked empty) and draws its first token from the prompt's logits (`_insert`);
+  decode   one jitted `lax.while_loop` over all slots (`_decode`): every row has its own cache index,
+           position, sampling knobs, key, stop ids and token budget. It returns to the host as soon as a
+           row finishes while samples are waiting (or after `chunk` steps when stop strings need looking
+           at); the host collects the finished rows and refills their slots, and the loop goes on.
+Every jitted function has fixed shapes: slots, the cache length T = (largest prompt bucket) + (largest
+new-token bucket), the prompt and vision-patch buckets. A stream of rollouts compiles each once.
+
+Reproducibility: sample j of a request with seed s draws its t-th token with
+fold_in(fold_in(key(s), j), t), from logits that depend on its own row only (every cache row is laid out
+the same whatever the slot; empty and padding slots are masked to an exact zero weight), so its tokens
+do not depend on which slot it ran in or what ran beside it.
+
+Log-probs are those of the sampled distribution (see `keye_jax.generate.sample_token`): at temperature 1
+without top-k/top-p, the model's own log_softmax of the chosen tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from keye_jax import rope
+from keye_jax.generate import (LENGTH_BUCKETS, MAX_STOP_IDS, NEW_TOKEN_BUCKETS, PATCH_BUCKETS, Generation, Prompt,
+                               SamplingParams, bucket, constrain_cache, decode_text, default_stop_ids,
+                               finish_generation, mesh_context, pack_prompts, put_weights, sample_token)
+from keye_jax.model import KeyeVL, scatter_vision
+from keye_jax.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """`n` samples of one prompt. Sample j is seeded by fold_in(key(params.seed), j)."""
+
+  prompt: Prompt
+  params: SamplingParams = SamplingParams()
+  n: int = 1
+
+
+@dataclasses.dataclass
+class Rollout:
+  """Per request, its n Generations (in sample order), plus what it cost."""
+
+  groups: list[list[Generation]]
+  vision_encodes: int               # vision tower + projector calls (one per prompt with images/videos)
+  prefills: int                     # prompt prefills (one per prompt, whatever n)
+  decode_steps: int                 # iterations of the decode loop (all slots at once)
+  busy_slot_steps: int              # sum over those steps of the slots holding a running sample
+  slots: int
+  trace_counts: dict                # jitted function -> times traced (compiled) so far by this engine
+  vision_tokens: list               # per request: projected vision tokens (1, T, D) on the device, or None
+
+  @property
+  def slot_utilisation(self) -> float:
+    return self.busy_slot_steps / max(1, self.decode_steps * self.slots)
+
+  def __len__(self):
+    return len(self.groups)
+
+  def __getitem__(self, i):
+    return self.groups[i]
+
+  def __iter__(self):
+    return iter(self.groups)
+
+
+class RolloutEngine:
+  """Continuous batching over `slots` decode rows for a KeyeVL model (weights are arguments, never
+  constants). `chunk`: decode steps between host looks when a request has stop strings. With `mesh`,
+  the slots are split over its data/fsdp axes and the cache follows the model's sharding rules."""
+
+  def __init__(self, model: KeyeVL, tokenizer=None, *, slots: int = 32, mesh=None,
+               stop_token_ids: Sequence[int] | None = None, length_buckets=LENGTH_BUCKETS,
+               new_token_buckets=NEW_TOKEN_BUCKETS, patch_buckets=PATCH_BUCKETS, chunk: int = 32):
+    self.cfg = model.cfg
+    self.graphdef, self.state = nnx.split(model)
+    self._shardings = jax.tree.map(lambda a: a.sharding, self.state)
+    self.tokenizer, self.mesh, self.slots, self.chunk = tokenizer, mesh, int(slots), int(chunk)
+    self.length_buckets, self.new_token_buckets = tuple(length_buckets), tuple(new_token_buckets)
+    self.patch_buckets = tuple(patch_buckets)
+    self.stop_token_ids = tuple(default_stop_ids(self.cfg, tokenizer) if stop_token_ids is None
+                                else stop_token_ids)
+    vision_ids = {self.cfg.image_token_id, self.cfg.video_token_id}
+    self.pad_id = next(i for i in range(len(vision_ids) + 1) if i not in vision_ids)
+    self.merge = self.cfg.vision.spatial_merge_size if self.cfg.vision is not None else 2
+    self.trace_counts: collections.Counter = collections.Counter()
+    self._encode = jax.jit(self._encode_fn)
+    self._prefill = jax.jit(self._prefill_fn)
+    self._new_carry = jax.jit(self._new_carry_fn, static_argnames=("cache_len", "new_len"))
+    self._insert = jax.jit(self._insert_fn, static_argnames=("greedy",), donate_argnums=(0,))
+    self._decode = jax.jit(self._decode_fn, static_argnames=("greedy",), donate_argnums=(1,))
+    self._carry, self._carry_shape = None, ()
+
+  def set_weights(self, model_or_state) -> None:
+    """New weights (a KeyeVL or its nnx.State, same structure/shapes/dtypes), put onto the engine's
+    shardings in one device_put (no copy where they already lie there); nothing recompiles."""
+    self.state = put_weights(model_or_state, self.state, self._shardings)
+
+  # ---- jitted bodies ----------------------------------------------------------------------------
+
+  def _encode_fn(self, state, vision):
+    """Vision tower + projector for one prompt: (1, P, C*p*p) patches -> (1, T, D) text-space tokens."""
+    self.trace_counts["encode"] += 1
+    model = nnx.merge(self.graphdef, state)
+    feats = model.vision(vision["pixel_values"], vision["patch_segment_ids"], vision["patch_pos"])
+    return model.projector(feats, vision["merge_index"])
+
+  def _prefill_fn(self, state, batch, vision_tokens):
+    """One prompt (1, S): its K/V (L, 1, Hkv, S, hd), segment ids (1, S) and last-token logits (1, V)."""
+    self.trace_counts["prefill"] += 1
+    model = nnx.merge(self.graphdef, state)
+    dec = model.decoder
+    x = dec.embed(batch["input_ids"])
+    if vision_tokens is not None:
+      x = scatter_vision(x, vision_tokens, model.vision_token_mask(batch["input_ids"]))
+    s = batch["input_ids"].shape[1]
+    h, cache = dec.prefill(x, batch["position_ids"], batch["segment_ids"], dec.init_cache(1, s))
+    return cache["k"], cache["v"], cache["segment_ids"], dec.logits(h[:, -1]).astype(jnp.float32)
+
+  def _new_carry_fn(self, state, *, cache_len, new_len):
+    self.trace_counts["new_carry"] += 1
+    model = nnx.merge(self.graphdef, state)
+    b = self.slots
+    cache = model.decoder.init_cache(b, cache_len)
+    cache["index"] = jnp.zeros((b,), jnp.int32)
+    zi, zf, no = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool)
+    return _constrain_carry(dict(
+        cache=cache, tokens=jnp.zeros((b, new_len), jnp.int32), logprobs=jnp.zeros((b, new_len), jnp.float32),
+        length=zi, pos=zi, max_new=zi, active=no, stopped=no, key=jnp.zeros((b, 2), jnp.uint32),
+        temperature=zf, top_k=zi, top_p=jnp.ones((b,), jnp.float32),
+        stop_ids=jnp.full((b, MAX_STOP_IDS), -1, jnp.int32),
+        steps=jnp.zeros((), jnp.int32), busy=jnp.zeros((), jnp.int32)))
+
+  def _insert_fn(self, carry, k, v, seg, logits, slot, key, temperature, top_k, top_p, max_new, stop_ids, pos,
+                 *, greedy):
+    """Sample `key` (a raw (2,) key) of a prefilled prompt enters `slot`: prompt K/V into cache row
+    `slot` (slots 0..S-1, the rest empty), first token drawn from the prompt's logits."""
+    self.trace_counts["insert"] += 1
+    cache = carry["cache"]
+    s, t = k.shape[3], cache["k"].shape[3]
+    at = (0, slot, 0, 0, 0)
+    last = lambda a: jnp.swapaxes(a[:, :, :, -1:], 2, 3).astype(cache["pending_k"].dtype)   # (L, 1, 1, Hkv, hd)
+    row_seg = jnp.zeros((1, t), jnp.int32).at[:, :s].set(seg)
+    cache = dict(cache, k=jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+                 v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+                 segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], row_seg, (slot, 0)),
+                 pending_k=jax.lax.dynamic_update_slice(cache["pending_k"], last(k), at),
+                 pending_v=jax.lax.dynamic_update_slice(cache["pending_v"], last(v), at),
+                 index=cache["index"].at[slot].set(s))
+    one = lambda a: jnp.asarray(a)[None]
+    keys = jax.random.fold_in(jax.random.wrap_key_data(key), 0)[None]
+    tok, logp = sample_token(logits, keys, one(temperature), one(top_k), one(top_p), greedy=greedy)
+    hit = jnp.any(tok[0] == stop_ids)
+    n = carry["tokens"].shape[1]
+    c = dict(carry, cache=cache)
+    c["tokens"] = jax.lax.dynamic_update_slice(carry["tokens"], jnp.zeros((1, n), jnp.int32).at[0, 0].set(tok[0]),
+                                               (slot, 0))
+    c["logprobs"] = jax.lax.dynamic_update_slice(
+        carry["logprobs"], jnp.zeros((1, n), jnp.float32).at[0, 0].set(logp[0]), (slot, 0))
+    for name, value in (("length", 1), ("pos", pos), ("max_new", max_new), ("active", ~hit & (max_new > 1)),
+                        ("stopped", hit), ("key", key), ("temperature", temperature), ("top_k", top_k),
+                        ("top_p", top_p), ("stop_ids", stop_ids)):
+      c[name] = carry[name].at[slot].set(value)
+    return _constrain_carry(c)
+
+  def _decode_fn(self, state, carry, limit, refill, *, greedy):
+    """At most `limit` steps of every slot; with `refill`, stops as soon as a running row finishes."""
+    self.trace_counts["decode"] += 1
+    model = nnx.merge(self.graphdef, state)
+    dec, t = model.decoder, model.decoder.cfg
+    b = carry["tokens"].shape[0]
+    rows = jnp.arange(b)
+    running_at_entry = jnp.sum(carry["active"])
+
+    def body(c):
+      cache, live = c["cache"], c["active"]
+      idx = cache["index"]
+      prev = c["tokens"][rows, jnp.maximum(c["length"] - 1, 0)]                        # (B,)
+      # The previous token's K/V (pending) go to slot index-1 of each row before anything reads the cache.
+      heads = lambda p: jnp.swapaxes(p[:, :, 0], 0, 1)                                  # (B, L, Hkv, hd)
+      at = jnp.maximum(idx - 1, 0)
+      k_cache = cache["k"].at[:, rows, :, at, :].set(heads(cache["pending_k"]).astype(cache["k"].dtype))
+      v_cache = cache["v"].at[:, rows, :, at, :].set(heads(cache["pending_v"]).astype(cache["v"].dtype))
+      pos = jnp.broadcast_to(c["pos"][None, :, None], (3, b, 1))
+      cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
+      h, (k, v) = dec.layers(dec.embed(prev[:, None]), (k_cache, v_cache), cos=cos, sin=sin, segment_ids=None,
+                             kv_segment_ids=cache["segment_ids"], return_kv=True)
+      logits = dec.logits(dec.norm(h)[:, 0])
+      keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(c["key"]), c["length"])
+      tok, logp = sample_token(logits, keys, c["temperature"], c["top_k"], c["top_p"], greedy=greedy)
+      write = jnp.where(live, c["length"], c["tokens"].shape[1])                         # out of range: dropped
+      hit = live & jnp.any(tok[:, None] == c["stop_ids"], axis=1)
+      length = c["length"] + live
+      keep = lambda new, old: jnp.where(live[None, :, None, None, None], new.astype(old.dtype), old)
+      cache = dict(cache, k=k_cache, v=v_cache, index=idx + live,
+                   pending_k=keep(k, cache["pending_k"]), pending_v=keep(v, cache["pending_v"]),
+                   segment_ids=cache["segment_ids"].at[rows, jnp.where(live, idx, cache["segment_ids"].shape[1])]
+                   .set(1, mode="drop"))
+      return _constrain_carry(dict(
+          c, cache=cache, tokens=c["tokens"].at[rows, write].set(tok, mode="drop"),
+          logprobs=c["logprobs"].at[rows, write].set(logp, mode="drop"), length=length, pos=c["pos"] + live,
+          active=live & ~hit & (length < c["max_new"]), stopped=c["stopped"] | hit, steps=c["steps"] + 1,
+          busy=c["busy"] + jnp.sum(live), loop=c["loop"] + 1))
+
+    def cond(c):
+      running = jnp.sum(c["active"])
+      return (c["loop"] < limit) & (running > 0) & ~(refill & (running < running_at_entry))
+
+    out = jax.lax.while_loop(cond, body, dict(carry, loop=jnp.zeros((), jnp.int32)))
+    out.pop("loop")
+    return out
+
+  # ---- host loop --------------------------------------------------------------------------------
+
+  def generate(self, requests: Sequence[Request | tuple]) -> Rollout:
+    """Runs every request's n samples; a request may be a `Request` or a (prompt, params, n) tuple."""
+    reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
+    for r in reqs:
+      stop = self._stop_ids(r.params)
+      if len(stop) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(stop)}")
+      if r.n < 1 or r.params.max_new_tokens < 1:
+        raise ValueError(f"a request needs n >= 1 and max_new_tokens >= 1, got n={r.n}, "
+                         f"max_new_tokens={r.params.max_new_tokens}")
+    seq_lens = [bucket(len(r.prompt.input_ids), self.length_buckets) for r in reqs]
+    new_len = bucket(max(r.params.max_new_tokens for r in reqs), self.new_token_buckets)
+    cache_len = max(seq_lens) + new_len
+    greedy = all(r.params.temperature <= 0 for r in reqs)
+    counts = collections.Counter()
+    groups: list[list[Generation | None]] = [[None] * r.n for r in reqs]
+    vision_tokens: list = [None] * len(reqs)
+    queue = collections.deque((i, j) for i, r in enumerate(reqs) for j in range(r.n))
+    left = [r.n for r in reqs]                       # samples of request i not yet in a slot
+    prompts: dict[int, tuple] = {}                   # prefilled prompts with samples still waiting
+    owner: list[tuple[int, int] | None] = [None] * self.slots
+    watch = any(r.params.stop_strings for r in reqs)
+
+    with mesh_context(self.mesh):
+      carry = self._carry if self._carry_shape == (cache_len, new_len) else None
+      self._carry = None
+      if carry is None:
+        carry = self._new_carry(self.state, cache_len=cache_len, new_len=new_len)
+      steps0, busy0 = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
+      while queue or any(o is not None for o in owner):
+        for slot in range(self.slots):
+          if owner[slot] is not None or not queue:
+            continue
+          i, j = queue.popleft()
+          if i not in prompts:
+            prompts[i] = self._prefill_prompt(reqs[i], seq_lens[i], vision_tokens, i, counts)
+          carry = self._insert(carry, *prompts[i][:4], jnp.int32(slot), *self._sample_knobs(reqs[i], j),
+                               prompts[i][4], greedy=greedy)
+          owner[slot] = (i, j)
+          left[i] -= 1
+          if left[i] == 0:
+            del prompts[i]                            # its K/V are no longer needed
+        limit = self.chunk if watch else new_len
+        carry = self._decode(self.state, carry, jnp.int32(limit), jnp.bool_(bool(queue)), greedy=greedy)
+        active, length, stopped = jax.device_get((carry["active"], carry["length"], carry["stopped"]))
+        finished = [s for s in range(self.slots) if owner[s] is not None and not active[s]]
+        if watch:
+          carry, finished = self._stop_strings(carry, reqs, owner, active, length, finished)
+          stopped = np.asarray(jax.device_get(carry["stopped"]))
+        if finished:
+          tokens, logprobs = jax.device_get((carry["tokens"], carry["logprobs"]))
+          for s in finished:
+            i, j = owner[s]
+            p = reqs[i].params
+            groups[i][j] = finish_generation(self.decode, tokens[s, :length[s]], logprobs[s, :length[s]],
+                                             bool(stopped[s]), p.stop_strings, self._stop_ids(p))
+            owner[s] = None
+      steps, busy = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
+    self._carry, self._carry_shape = carry, (cache_len, new_len)
+    return Rollout(groups=groups, vision_encodes=counts["encode"], prefills=counts["prefill"],
+                   decode_steps=steps - steps0, busy_slot_steps=busy - busy0, slots=self.slots,
+                   trace_counts=dict(self.trace_counts), vision_tokens=vision_tokens)
+
+  def _prefill_prompt(self, req: Request, seq_len: int, vision_tokens: list, i: int, counts) -> tuple:
+    p = req.prompt
+    has_vision = p.pixel_values is not None
+    patches = bucket(len(p.pixel_values), self.patch_buckets) if has_vision else None
+    batch = pack_prompts([p], seq_len=seq_len, batch_size=1, num_patches=patches, merge=self.merge,
+                         pad_id=self.pad_id)
+    pos_next = int(batch["rope_delta"][0]) + seq_len
+    batch = self._put_replicated(batch)
+    tokens = None
+    if has_vision:
+      tokens = self._encode(self.state, {k: batch[k] for k in ("pixel_values", "patch_segment_ids", "patch_pos",
+                                                                "merge_index")})
+      counts["encode"] += 1
+      vision_tokens[i] = tokens
+    text = {k: batch[k] for k in ("input_ids", "segment_ids", "position_ids")}
+    k, v, seg, logits = self._prefill(self.state, text, tokens)
+    counts["prefill"] += 1
+    return k, v, seg, logits, jnp.int32(pos_next)
+
+  def _put_replicated(self, batch: dict) -> dict:
+    """A one-prompt batch: on the default device, or replicated over the mesh."""
+    if self.mesh is None:
+      return {k: jnp.asarray(v) for k, v in batch.items()}
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    return {k: jax.device_put(v, NamedSharding(self.mesh, P())) for k, v in batch.items()}
+
+  def _sample_knobs(self, req: Request, j: int) -> tuple:
+    p = req.params
+    stop = list(self._stop_ids(p))
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(p.seed), j))
+    return (key, jnp.float32(p.temperature), jnp.int32(p.top_k), jnp.float32(p.top_p),
+            jnp.int32(p.max_new_tokens), jnp.asarray(stop + [-1] * (MAX_STOP_IDS - len(stop)), jnp.int32))
+
+  def _stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
+    return self.stop_token_ids if p.stop_token_ids is None else tuple(p.stop_token_ids)
+
+  def _stop_strings(self, carry, reqs, owner, active, length, finished):
+    """Running rows whose text holds one of their stop strings finish now (their slots free up)."""
+    tokens = None
+    hits = []
+    for s in range(self.slots):
+      if owner[s] is None or not active[s] or not reqs[owner[s][0]].params.stop_strings:
+        continue
+      if tokens is None:
+        tokens = jax.device_get(carry["tokens"])
+      p = reqs[owner[s][0]].params
+      stop_ids = set(self._stop_ids(p))
+      text = self.decode([t for t in tokens[s, :length[s]] if int(t) not in stop_ids])
+      if any(x in text for x in p.stop_strings):
+        hits.append(s)
+    if not hits:
+      return carry, finished
+    mask = np.zeros(self.slots, bool)
+    mask[hits] = True
+    mask = jnp.asarray(mask)
+    carry = dict(carry, active=carry["active"] & ~mask, stopped=carry["stopped"] | mask)
+    return carry, finished + hits
+
+  def decode(self, ids) -> str:
+    return decode_text(self.tokenizer, ids)
+
+
+def _constrain_carry(c: dict) -> dict:
+  c = dict(c, cache=constrain_cache(c["cache"]))
+  c["cache"]["index"] = constrain(c["cache"]["index"], ("batch",))
+  return c
