@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 $(BIN)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
+	# IFEval's checkers only (lm_eval.tasks.ifeval); the rest of lm-eval's tree (torch, datasets, ...) unneeded.
+	$(BIN)/pip install -q --no-deps lm-eval==0.4.13
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
