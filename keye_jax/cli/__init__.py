@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--weights", nargs="+", type=float, required=True)
   m.add_argument("--out", required=True)
   m.set_defaults(fn=_merge)
+
+  from keye_jax.cli import cot
+  cot.add_parser(sub)
   return p
 
 
