@@ -43,8 +43,11 @@ class HintConfig:
 
   enabled: bool = True
   max_level: int = 5
-  rule: str = "auto"  # how hints are cut from a reference solution when a record has no `hints` field
-  template: str = "\n\nHint: {hint}"  # appended to the last user turn's text
+  # How hints are cut from a record's `solution` when it has no `hints` field (train/rl/hints.CutRule):
+  # the solution split into steps, level k keeping the first ceil(fractions[k-1] * steps) of them.
+  split: str = "lines"  # lines | sentences | paragraphs
+  fractions: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 1.0)
+  template: str = "\n\nHint: {hint}"  # appended to the last user turn's text (before a /think suffix)
 
 
 @dataclasses.dataclass(frozen=True)

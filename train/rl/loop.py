@@ -38,6 +38,7 @@ from train.checkpointing import Checkpointer
 from train.metrics import MetricsWriter, read_metrics
 from train.model_state import ModelShape
 from train.rl import hinting
+from train.rl.hinting import prompt_hints
 from train.rl.advantages import group_advantages
 from train.rl.batch import Response, pack_responses
 from train.rl.config import RLRunConfig, load_rl_config
@@ -125,7 +126,7 @@ class RLRun:
       self.state = init_state(self.fns, cfg.seed, _init_params(cfg, self.fns, self.shape))
       start = 0
     self.step_num = start
-    self.records = hinting.Records.from_state(self.stream.host_state)
+    self.records = hinting.Records.from_state(self.stream.host_state, r.hints.max_level)
     self.ref_params = None
     if self.with_ref:
       # The frozen reference: the starting policy (init_from), as the run's first parameters.
@@ -164,24 +165,24 @@ class RLRun:
     t2 = time.perf_counter()
     arrays = [dict(p) for p in prompts]
     rewards, corrects, hint_levels = [], [], []
+    tracker = self.records.tracker
     for i, (p, grp) in enumerate(zip(prompts, groups)):
-      texts = [x.text for x in grp]
-      rew, ok = self._score([p["meta"]] * g, texts)
-      self.records.record_pass(p["meta"]["id"], int(ok.sum()), g)
+      rew, ok = self._score([p["meta"]] * g, [x.text for x in grp])
       corrects.append(ok)
+      pid = p["meta"]["id"]
+      hints = prompt_hints(p["meta"], r.hints) if r.hints.enabled else None
+      decision = tracker.observe(pid, ok, has_hints=hints is not None)
       level = 0
-      if r.hints.enabled and not ok.any():
-        hints = hinting.hint_texts(p["meta"], r.hints.rule, r.hints.max_level)
-        for lv, hint in enumerate(hints, start=1):
-          hinted = self.stream.encode(p, r.hints.template.format(hint=hint))
-          t_h = time.perf_counter()
-          hgrp = self.rollouts.sample([to_prompt(hinted)], [prompt_seed(cfg.seed, p["key"], lv)], g)[0]
-          t_rollout += time.perf_counter() - t_h
-          hrew, hok = self._score([p["meta"]] * g, [x.text for x in hgrp])
-          if hok.any():
-            level, groups[i], rew, arrays[i] = lv, hgrp, hrew, {**p, **hinted}
-            break
-        self.records.record_hint(p["meta"]["id"], level if level else None, tried=bool(hints))
+      while decision.action == "escalate":
+        lv = decision.level
+        hinted = self.stream.encode(p, r.hints.template.format(hint=hints[lv - 1]))
+        t_h = time.perf_counter()
+        hgrp = self.rollouts.sample([to_prompt(hinted)], [prompt_seed(cfg.seed, p["key"], lv)], g)[0]
+        t_rollout += time.perf_counter() - t_h
+        hrew, hok = self._score([p["meta"]] * g, [x.text for x in hgrp])
+        decision = tracker.observe(pid, hok, has_hints=True)
+        if decision.action == "update":  # the first level with a correct response: its group is used
+          level, groups[i], rew, arrays[i] = lv, hgrp, hrew, {**p, **hinted}
       hint_levels.append(level)
       rewards.append(rew)
     t_reward = time.perf_counter() - t2 - (t_rollout - t_first_rollout)  # hint rollouts count as rollout

@@ -46,14 +46,33 @@ def _text(content) -> str:
                  and "text" in e)
 
 
+MODE_SUFFIXES = ("/no_think", "/think")
+
+
+def _insert(text: str, hint: str) -> str:
+  """`text` + `hint`, the hint going before a trailing /think or /no_think (which selects the mode)."""
+  stripped = text.rstrip()
+  for suffix in MODE_SUFFIXES:
+    if stripped.endswith(suffix):
+      head = stripped[:-len(suffix)].rstrip()
+      return head + hint + " " + suffix
+  return text + hint
+
+
 def with_hint(messages: list[dict], hint: str) -> list[dict]:
   """The messages with `hint` appended to the last user turn's text (after the query)."""
   messages = copy.deepcopy(messages)
   last = messages[-1]
   if isinstance(last["content"], str):
-    last["content"] = last["content"] + hint
+    last["content"] = _insert(last["content"], hint)
+    return messages
+  content = list(last["content"])
+  texts = [k for k, e in enumerate(content) if isinstance(e, dict) and e.get("type", "text") == "text" and "text" in e]
+  if texts and texts[-1] == len(content) - 1:
+    content[-1] = {**content[-1], "text": _insert(content[-1]["text"], hint)}
   else:
-    last["content"] = list(last["content"]) + [{"type": "text", "text": hint}]
+    content.append({"type": "text", "text": hint.lstrip()})
+  last["content"] = content
   return messages
 
 
@@ -137,6 +156,8 @@ def split_record(record: dict, where: str) -> tuple[list[dict], dict]:
   reference = record.get("reference", record.get("answer"))
   if reference is None:
     reference = solution
+  elif record.get("solution") is None and solution is not None and solution.strip() == str(reference).strip():
+    solution = None  # an SFT turn that only states the answer is no solution to cut hints from
   meta = {"id": str(record.get("id", where)), "prompt": _text(messages[-1].get("content")),
           "reference": reference, "answer": reference, "kind": record.get("kind"),
           "answer_kind": record.get("kind"),
