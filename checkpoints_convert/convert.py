@@ -1,39 +1,28 @@
-"""HF safetensors <-> converted Orbax checkpoint directories.
+"""HF safetensors <-> converted Orbax checkpoint directories (the layout is described in
+keye_jax/checkpoint_io.py, which reads and writes it).
 
-A converted checkpoint directory:
-  keye_checkpoint.json   format marker, parameter groups, dtype
-  config.json            the released config (HF layout), plus tokenizer / preprocessor files copied as-is
-  params/<group>/        one Orbax PyTree checkpoint per group: the embedding, each decoder layer, each vision
-                         layer, the rest. Grouping per layer is what lets an 8B checkpoint stream through a
-                         24 GiB machine in both directions.
-  unused/                release tensors the model does not use (kept to write them back on export)
-Keys inside a group are canonical parameter paths (keye_jax.params) with '/' spelled '.'.
-Every writer builds into `OUT.partial` and renames at the end, so a failure leaves no half-written output.
+Every tensor read from a release is checked: shape against config.json, floating-point dtype, finite values.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
-import shutil
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 
 from checkpoints_convert import rules
-from checkpoints_convert.safetensors_io import CheckpointError, SafetensorsReader, ShardedWriter
+from checkpoints_convert.safetensors_io import SafetensorsReader, ShardedWriter
 from keye_jax import config as config_lib
+from keye_jax.checkpoint_io import (FORMAT, META, CheckpointError, atomic_dir, check_array,  # noqa: F401
+                                    copy_side_files, copy_tokenizer, iter_groups, load_canonical, load_config,
+                                    load_flat, load_model, model_config, progress, read_meta, read_unused,
+                                    resolve, write_converted)
 
-FORMAT = "keye-jax-converted-v1"
-META = "keye_checkpoint.json"
-_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken")
-_SKIP_FILES = {"model.safetensors.index.json", META}
 
-
-def _dtype(name: str | None):
+def dtype_of(name: str | None):
+  """The numpy dtype of a `--dtype` name (None: keep the stored dtypes)."""
   if name is None:
     return None
   import ml_dtypes
@@ -61,73 +50,6 @@ def _hf_shape(our_shape: tuple[int, ...], transform: str, cfg) -> tuple[int, ...
   return (our_shape[1], v.num_channels, v.patch_size, v.patch_size)
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str):
-  """Yields a scratch directory that becomes `out_dir` only if the block succeeds."""
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise CheckpointError(f"{out_dir}: output directory exists and is not empty")
-  tmp = out_dir.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.exists(out_dir):
-    os.rmdir(out_dir)
-  os.rename(tmp, out_dir)
-
-
-_BLOCK_BYTES = 256 << 20
-_BLOCK = "::rows"
-
-
-def _save_group(ckptr, path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Orbax serialisation briefly needs about twice an array's size, so arrays over 256 MiB are stored
-  as blocks of rows (`name::rows00000`, ...) and saved one block at a time."""
-  small = {k.replace("/", "."): v for k, v in arrays.items() if v.nbytes <= _BLOCK_BYTES}
-  if small:
-    ckptr.save(path, small)
-  for k, v in arrays.items():
-    if v.nbytes > _BLOCK_BYTES:
-      rows = max(1, _BLOCK_BYTES // (v.nbytes // v.shape[0]))
-      for i, start in enumerate(range(0, v.shape[0], rows)):
-        ckptr.save(os.path.join(path + ".blocks", f"{k.replace('/', '.')}{_BLOCK}{i:05d}"),
-                   {"x": v[start:start + rows]})
-
-
-def _release_memory() -> None:
-  """Hands freed buffers back to the OS: serialisation threads leave them in glibc's per-thread arenas,
-  which would otherwise add up across groups."""
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except OSError:  # not glibc
-    pass
-
-
-def _restore_group(ckptr, path: str) -> dict[str, np.ndarray]:
-  out = {}
-  if os.path.isdir(path):
-    out = {k.replace(".", "/"): np.asarray(v) for k, v in ckptr.restore(path).items()}
-  blocks_dir = path + ".blocks"
-  if os.path.isdir(blocks_dir):
-    parts: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(blocks_dir)):
-      parts.setdefault(name.split(_BLOCK)[0], []).append(name)
-    for key, names in parts.items():
-      out[key.replace(".", "/")] = np.concatenate(
-          [np.asarray(ckptr.restore(os.path.join(blocks_dir, n))["x"]) for n in names])
-  return out
-
-
-def _copy_side_files(src: str, dst: str) -> None:
-  for name in os.listdir(src):
-    p = os.path.join(src, name)
-    if os.path.isfile(p) and name.endswith(_COPY_SUFFIXES) and name not in _SKIP_FILES:
-      shutil.copy2(p, os.path.join(dst, name))
-
-
 def read_hf_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
@@ -139,39 +61,9 @@ def read_hf_config(hf_dir: str) -> dict:
       raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
-def write_converted(out_dir: str, cfg, hf_config: dict, groups, unused=(), side_files_from: str | None = None,
-                    dtype: str | None = None) -> dict:
-  """Writes a converted checkpoint from `groups`: an iterable of (group name, {canonical path: array}),
-  consumed one group at a time. Returns {"tensors", "parameters", "seconds"}."""
-  t0 = time.time()
-  n_tensors = n_params = 0
-  names = []
-  ckptr = ocp.PyTreeCheckpointer()
-  with _atomic_dir(out_dir) as tmp:
-    if side_files_from:
-      _copy_side_files(side_files_from, tmp)
-    for group, arrays in groups:
-      _save_group(ckptr, os.path.join(tmp, "params", group), arrays)
-      names.append(group)
-      n_tensors += len(arrays)
-      n_params += sum(int(a.size) for a in arrays.values())
-      del arrays  # hold one group at a time
-      _release_memory()
-    unused = dict(unused)
-    if unused:
-      ckptr.save(os.path.join(tmp, "unused"), dict(unused))
-      n_tensors += len(unused)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config_lib.to_hf_config(cfg, hf_config), f, indent=2)
-    with open(os.path.join(tmp, META), "w") as f:
-      json.dump({"format": FORMAT, "groups": names, "dtype": dtype, "unused": sorted(unused),
-                 "keye_config": config_lib.to_dict(cfg)}, f, indent=2)
-  return {"tensors": n_tensors, "parameters": n_params, "seconds": round(time.time() - t0, 3)}
-
-
 def to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> dict:
   """Released (or transformers-PR, or plain Qwen3) HF checkpoint -> converted Orbax directory."""
-  np_dtype = _dtype(dtype)
+  np_dtype = dtype_of(dtype)
   hf_config = read_hf_config(hf_dir)
   cfg = config_lib.from_hf_config(hf_config)
   reader = SafetensorsReader(hf_dir)
@@ -193,7 +85,7 @@ def to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> dict:
   unused = {n: reader.get(present[n]) for n in unused_names}
   source = lambda hf: (reader, present[hf])
   return write_converted(out_dir, cfg, hf_config, stream_groups(cfg, plan, source, np_dtype), unused,
-                         side_files_from=hf_dir, dtype=dtype)
+                         side_files_from=hf_dir, dtype=dtype, what="to-orbax")
 
 
 def stream_groups(cfg, plan, source, np_dtype=None, fresh=None):
@@ -215,92 +107,60 @@ def stream_groups(cfg, plan, source, np_dtype=None, fresh=None):
         if tuple(got) != tuple(want):
           raise CheckpointError(f"{reader.files[stored]}: tensor {stored} has shape {tuple(got)}, "
                                 f"expected {tuple(want)} from config.json")
-        x = rules.to_ours(reader.get(stored), tr)
+        x = reader.get(stored)
+        check_array(stored, x, reader.files[stored])
+        x = rules.to_ours(x, tr)
       arrays[ours] = x.astype(np_dtype) if np_dtype is not None else x
     yield group, arrays
     del arrays, x  # let the group go before reading the next one
 
 
-# ---- reading converted checkpoints ------------------------------------------------------------------
-
-
-def read_meta(ckpt_dir: str) -> dict:
-  path = os.path.join(ckpt_dir, META)
-  if not os.path.exists(path):
-    raise CheckpointError(f"{ckpt_dir}: not a converted keye-jax checkpoint (no {META})")
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT}")
-  return meta
-
-
-def load_config(ckpt_dir: str, **runtime) -> config_lib.KeyeConfig:
-  meta = read_meta(ckpt_dir)
-  cfg = config_lib.from_dict(config_lib.KeyeConfig, meta["keye_config"])
-  return config_lib.apply_overrides(cfg, [f"{k}={v}" for k, v in runtime.items()]) if runtime else cfg
-
-
-def iter_groups(ckpt_dir: str):
-  """Yields (group, {canonical path: numpy array}) one group at a time."""
-  meta = read_meta(ckpt_dir)
-  ckptr = ocp.PyTreeCheckpointer()
-  for group in meta["groups"]:
-    yield group, _restore_group(ckptr, os.path.join(ckpt_dir, "params", group))
-
-
-def read_unused(ckpt_dir: str) -> dict[str, np.ndarray]:
-  path = os.path.join(ckpt_dir, "unused")
-  if not os.path.exists(path):
-    return {}
-  return {k: np.asarray(v) for k, v in ocp.PyTreeCheckpointer().restore(path).items()}
-
-
-def load_flat(ckpt_dir: str) -> dict[str, np.ndarray]:
-  flat = {}
-  for _, arrays in iter_groups(ckpt_dir):
-    flat.update(arrays)
-  return flat
-
-
-def load_model(ckpt_dir: str, overrides: list[str] | tuple[str, ...] = ()):
-  """(cfg, KeyeVL) from a converted checkpoint; `overrides` like ["dtype=bfloat16", "scan_layers=false"]."""
-  from flax import nnx
-  from keye_jax.model import KeyeVL
-  from keye_jax.params import set_flat
-  cfg = config_lib.apply_overrides(load_config(ckpt_dir), list(overrides))
-  model = KeyeVL(cfg, rngs=nnx.Rngs(0))
-  set_flat(model, load_flat(ckpt_dir))
-  return cfg, model
-
-
-def to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 2 << 30) -> dict:
-  """Converted Orbax directory -> released layout and names (config, tokenizer files, unused tensors)."""
+def to_hf(ckpt: str, out_dir: str, max_shard_bytes: int = 2 << 30) -> dict:
+  """Any checkpoint (converted dir or run dir) -> released layout and names (config, tokenizer files,
+  unused tensors)."""
   t0 = time.time()
-  meta = read_meta(ckpt_dir)
-  cfg = load_config(ckpt_dir)
+  ref = resolve(ckpt)
+  cfg = model_config(ref)
+  if ref.kind == "converted":
+    dtype, groups, unused = read_meta(ref.path).get("dtype"), iter_groups(ref.path), read_unused(ref.path)
+  else:
+    dtype, groups, unused = None, [("all", load_canonical(ref)[1])], {}
   plan = {ours: (hf, tr) for hf, ours, tr, _ in rules.expand(cfg)}
   n_tensors = n_params = 0
-  with _atomic_dir(out_dir) as tmp:
-    _copy_side_files(ckpt_dir, tmp)
+  with atomic_dir(out_dir) as tmp:
+    if ref.kind == "converted":
+      copy_side_files(ref.path, tmp)
+    else:
+      if ref.tokenizer_dir:
+        copy_tokenizer(ref.tokenizer_dir, tmp)
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config_lib.to_hf_config(cfg, default_hf_config(cfg)), f, indent=2)
     writer = ShardedWriter(tmp, max_shard_bytes)
-    for group, arrays in iter_groups(ckpt_dir):
+    for group, arrays in groups:
       for ours, x in arrays.items():
         if ours not in plan:
-          raise CheckpointError(f"{ckpt_dir}/params/{group}: unexpected parameter {ours}")
+          raise CheckpointError(f"{ref.path}/params/{group}: unexpected parameter {ours}")
         hf, tr = plan[ours]
         writer.add(hf, rules.to_hf(x, tr, _hf_shape(x.shape, tr, cfg)))
         n_tensors += 1
         n_params += int(x.size)
-    for name, x in read_unused(ckpt_dir).items():
+      progress(f"to-hf: {group}, {n_tensors} tensors, {time.time() - t0:.0f} s")
+    for name, x in unused.items():
       writer.add(name, x)
       n_tensors += 1
     writer.close()
-    if meta.get("dtype"):
+    if dtype:
       path = os.path.join(tmp, "config.json")
       with open(path) as f:
         hf_config = json.load(f)
-      hf_config["torch_dtype"] = meta["dtype"]
+      hf_config["torch_dtype"] = dtype
       with open(path, "w") as f:
         json.dump(hf_config, f, indent=2)
   return {"tensors": n_tensors, "parameters": n_params, "seconds": round(time.time() - t0, 3)}
+
+
+def default_hf_config(cfg) -> dict:
+  """The released config fields our config does not hold, for checkpoints made here (runs, merges)."""
+  if cfg.vision is None:
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+  return {"architectures": ["KeyeVL1_5ForConditionalGeneration"]}

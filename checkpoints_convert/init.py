@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from checkpoints_convert import rules
-from checkpoints_convert.convert import _dtype, read_hf_config, stream_groups, write_converted
+from checkpoints_convert.convert import dtype_of, read_hf_config, stream_groups, write_converted
 from checkpoints_convert.safetensors_io import CheckpointError, SafetensorsReader
 from keye_jax import config as config_lib
 
@@ -47,5 +47,5 @@ def init(out_dir: str, *, vision_dir: str, text_dir: str, seed: int = 0, dtype: 
   plan = rules.expand(cfg)
   hf_config = config_lib.to_hf_config(cfg, {k: v for k, v in text_hf.items() if k != "architectures"})
   hf_config["architectures"] = ["KeyeVL1_5ForConditionalGeneration"]
-  return write_converted(out_dir, cfg, hf_config, stream_groups(cfg, plan, source, _dtype(dtype), fresh),
-                         side_files_from=text_dir, dtype=dtype)
+  return write_converted(out_dir, cfg, hf_config, stream_groups(cfg, plan, source, dtype_of(dtype), fresh),
+                         side_files_from=text_dir, dtype=dtype, what="init")

@@ -11,13 +11,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from keye_jax.checkpoint_io import CheckpointError  # noqa: F401  (defined with the checkpoint IO)
+
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint is missing, malformed, or does not match the model; the message names the file/key."""
 
 
 class SafetensorsReader:

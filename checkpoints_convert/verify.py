@@ -4,14 +4,18 @@ Golden `.npz` (interfaces.md): input_ids (S,) or (B, S); optional attention_mask
 (N, 3, 14, 14) + image_grid_thw (n, 3); optional pixel_values_videos + video_grid_thw (reference rows:
 equal consecutive frames may be run-length merged, t > 1); logits (S, V) or (B, S, V); optional
 position_ids (3, S) or (3, B, S), compared exactly.
-With `--hf-dir`, the golden is made first by the checkpoint's own PyTorch code (trust_remote_code, offline).
+With `--hf-dir`, the golden is made first by the checkpoint's own PyTorch code: transformers imports and runs
+the Python files in HF_DIR (modeling_*.py, configuration_*.py: trust_remote_code, offline), so it needs
+torch + transformers and the explicit `--trust-remote-code`. The reference is refused when any of its weights
+or non-persistent buffers (rotary frequencies) would be left uninitialised, naming them: a half-random
+reference would report a large difference that looks like our bug.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from checkpoints_convert.safetensors_io import CheckpointError
+from keye_jax.checkpoint_io import CheckpointError
 from keye_jax.processing.positions import batch_position_ids
 from keye_jax.processing.vision_layout import split_grid_thw, vision_layout
 
@@ -96,14 +100,49 @@ def run_model(model, cfg, batch) -> np.ndarray:
   return np.asarray(nnx.jit(lambda m, b: m(b))(model, jax.tree.map(jax.numpy.asarray, batch)))
 
 
+def _import_reference():
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise ModuleNotFoundError(f"keye verify --hf-dir runs the checkpoint's PyTorch code and needs {e.name}: "
+                              "pip install torch transformers (the versions in requirements-test.txt)") from None
+  return torch, transformers
+
+
+def check_loading(info: dict, model, hf_dir: str) -> None:
+  """Refuses a reference whose weights or non-persistent buffers were not all loaded/initialised."""
+  problems = []
+  for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mismatched")):
+    names = sorted(str(k if isinstance(k, str) else k[0]) for k in (info or {}).get(key) or [])
+    if names:
+      problems.append(f"{len(names)} {what} weights ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+  # Non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: a loader that builds the
+  # model on the meta device must recompute them. Left as raw memory they read as non-finite or all-zero.
+  persistent = set(model.state_dict())
+  bad_buffers = []
+  for name, buf in model.named_buffers():
+    if name in persistent or not buf.is_floating_point() or buf.numel() == 0:
+      continue
+    if buf.device.type == "meta" or not bool(buf.isfinite().all()) or not bool(buf.abs().sum() > 0):
+      bad_buffers.append(name)
+  if bad_buffers:
+    problems.append(f"uninitialised buffers ({', '.join(bad_buffers[:3])}{', ...' if len(bad_buffers) > 3 else ''})")
+  if problems:
+    raise CheckpointError(f"{hf_dir}: the reference code does not load this checkpoint completely: "
+                          f"{'; '.join(problems)} (its remote code and transformers version disagree on names)")
+
+
 def golden_from_hf(hf_dir: str, cfg, seed: int = 0) -> dict:
   """A golden made by the checkpoint's own modeling code (trust_remote_code, no network): a prompt with
   text, one image and a two-frame video of random pixels, in fp32."""
-  import torch
-  import transformers
+  torch, transformers = _import_reference()
   rng = np.random.default_rng(seed)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      hf_dir, trust_remote_code=True, local_files_only=True, torch_dtype=torch.float32).eval()
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(
+      hf_dir, trust_remote_code=True, local_files_only=True, torch_dtype=torch.float32,
+      output_loading_info=True)
+  model = model.eval()
+  check_loading(info, model, hf_dir)
   p = cfg.vision.patch_size
   image_grid = np.array([[1, 4, 6]])                 # 6 merged tokens
   video_grid = np.array([[1, 4, 4], [1, 2, 2]])      # a 4-token frame, then a 1-token frame
@@ -130,10 +169,14 @@ def golden_from_hf(hf_dir: str, cfg, seed: int = 0) -> dict:
   return golden
 
 
-def verify(ckpt_dir: str, golden: str | None = None, hf_dir: str | None = None, atol: float = 1e-3) -> dict:
-  from checkpoints_convert.convert import load_model
+def verify(ckpt_dir: str, golden: str | None = None, hf_dir: str | None = None, atol: float = 1e-3,
+           trust_remote_code: bool = False) -> dict:
+  from keye_jax.checkpoint_io import load_model
   if (golden is None) == (hf_dir is None):
     raise ValueError("give a GOLDEN.npz or --hf-dir (exactly one)")
+  if hf_dir is not None and not trust_remote_code:
+    raise ValueError(f"--hf-dir runs the Python modeling code in {hf_dir} (trust_remote_code); pass "
+                     "--trust-remote-code to allow it")
   cfg, model = load_model(ckpt_dir, ["dtype=float32"])
   if golden is not None:
     try:

@@ -3,6 +3,10 @@
 Every config is a frozen dataclass. `from_dict` builds one from nested dicts and rejects unknown keys and
 wrong types with an error that names the full dotted key. A YAML value for a dataclass-typed field may be a
 path to another YAML file (relative to the including file), which is how stage files compose model files.
+
+Paths: a field declared with `path_field()` holds a filesystem path. A relative path written in a YAML file
+resolves against that file's directory; one given as a `key=value` override (the command line) resolves
+against the current directory. Loaded configs hold absolute paths.
 """
 
 from __future__ import annotations
@@ -20,6 +24,25 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
   """A config key is unknown, missing or of the wrong type; the message names the dotted key."""
+
+
+def path_field(default: str = "", *, unless: str = ""):
+  """A str field holding a filesystem path (see the module docstring). `unless`: a sibling field that,
+  when set, makes this value a name rather than a path (a TFDS dataset name inside `data_dir`)."""
+  return dataclasses.field(default=default, metadata={"path": unless or True})
+
+
+def resolve_path(value: str, base_dir: str | None) -> str:
+  """`value` made absolute against `base_dir` (the current directory when None); "" stays ""."""
+  if not value:
+    return value
+  value = os.path.expanduser(value)
+  return os.path.normpath(value if os.path.isabs(value) else os.path.join(base_dir or os.getcwd(), value))
+
+
+def _is_path(field: dataclasses.Field, siblings: dict) -> bool:
+  flag = field.metadata.get("path")
+  return flag is True or (isinstance(flag, str) and not siblings.get(flag))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +120,7 @@ class KeyeConfig:
 # Generic loading.
 
 
-def _check_type(value: Any, tp: Any, key: str) -> Any:
+def _check_type(value: Any, tp: Any, key: str, base_dir: str | None = None) -> Any:
   """Returns `value` converted to `tp` where that is lossless (int->float, list->tuple), else raises."""
   origin = typing.get_origin(tp)
   if tp is Any:
@@ -110,7 +133,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
       if arg is type(None):
         continue
       try:
-        return _check_type(value, arg, key)
+        return _check_type(value, arg, key, base_dir)
       except ConfigError:
         pass
     raise ConfigError(f"{key}: {value!r} does not match {tp}")
@@ -119,21 +142,21 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
       return value
     if not isinstance(value, dict):
       raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-    return from_dict(tp, value, prefix=key)
+    return from_dict(tp, value, prefix=key, base_dir=base_dir)
   if origin is tuple:
     args = typing.get_args(tp)
     if not isinstance(value, (list, tuple)):
       raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
     if len(args) == 2 and args[1] is Ellipsis:
-      return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+      return tuple(_check_type(v, args[0], f"{key}[{i}]", base_dir) for i, v in enumerate(value))
     if len(args) != len(value):
       raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-    return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    return tuple(_check_type(v, a, f"{key}[{i}]", base_dir) for i, (v, a) in enumerate(zip(value, args)))
   if origin is dict:
     if not isinstance(value, dict):
       raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
     _, vt = typing.get_args(tp)
-    return {k: _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+    return {k: _check_type(v, vt, f"{key}.{k}", base_dir) for k, v in value.items()}
   if tp is float:
     if isinstance(value, str):  # PyYAML reads exponents without a dot ("8e6") as strings
       try:
@@ -161,11 +184,13 @@ def _hints(cls) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "", base_dir: str | None = None) -> T:
-  """Builds dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+  """Builds dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError. Relative
+  paths (path fields, included files) resolve against `base_dir`; with None, path fields stay as given."""
   if not isinstance(data, dict):
     raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
   hints = _hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  names = set(fields)
   unknown = sorted(set(data) - names)
   if unknown:
     where = f"{prefix}." if prefix else ""
@@ -180,13 +205,15 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", base_dir: str | None =
       path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
       if not os.path.exists(path) and os.path.exists(value):
         path = value
-      value = _read_yaml(path, key)
-      kwargs[name] = from_dict(sub, value, prefix=key, base_dir=os.path.dirname(path))
+      value = read_yaml(path, key)
+      kwargs[name] = from_dict(sub, value, prefix=key, base_dir=os.path.dirname(os.path.abspath(path)))
       continue
     if sub is not None and isinstance(value, dict):
       kwargs[name] = from_dict(sub, value, prefix=key, base_dir=base_dir)
       continue
-    kwargs[name] = _check_type(value, tp, key)
+    kwargs[name] = _check_type(value, tp, key, base_dir)
+    if base_dir is not None and isinstance(kwargs[name], str) and _is_path(fields[name], data):
+      kwargs[name] = resolve_path(kwargs[name], base_dir)
   return cls(**kwargs)
 
 
@@ -200,17 +227,26 @@ def _dataclass_in(tp) -> type | None:
   return None
 
 
-def _read_yaml(path: str, what: str = "") -> dict:
+def read_yaml(path: str, what: str = "") -> dict:
+  """The mapping at the top of a YAML file; a missing file or bad YAML is one ConfigError naming it."""
   if not os.path.exists(path):
     raise ConfigError(f"{what + ': ' if what else ''}config file not found: {path}")
   with open(path) as f:
     try:
       data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-      raise ConfigError(f"{path}: not valid YAML: {e}") from e
+      raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
   if not isinstance(data, dict):
     raise ConfigError(f"{path}: the top level must be a mapping")
   return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+  """PyYAML's multi-line message as one line: the problem and where."""
+  mark = getattr(e, "problem_mark", None)
+  problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+  where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+  return f"{problem}{where}"
 
 
 def to_dict(cfg) -> dict:
@@ -228,18 +264,30 @@ def to_dict(cfg) -> dict:
   return conv(cfg)
 
 
-def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
-  """Applies `a.b.c=value` strings (values parsed as YAML scalars/lists) to a frozen config."""
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], base_dir: str | None = None) -> T:
+  """Applies `a.b.c=value` strings (values parsed as YAML scalars/lists) to a frozen config. Relative
+  paths in them resolve against `base_dir`, by default the current directory (command-line overrides)."""
+  base_dir = base_dir or os.getcwd()
   for item in overrides:
-    if "=" not in item:
-      raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    cfg = _replace_path(cfg, key.strip().split("."), value, key.strip())
+    key, raw = parse_override(item)
+    try:
+      value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(e)}") from None
+    cfg = _replace_path(cfg, key.split("."), value, key, base_dir)
   return cfg
 
 
-def _replace_path(cfg, parts: list[str], value, full_key: str):
+def parse_override(item: str) -> tuple[str, str]:
+  """`key.sub=value` -> (key.sub, raw value); anything else is a ConfigError naming it."""
+  key, eq, raw = str(item).partition("=")
+  key = key.strip()
+  if not eq or not key or any(not part.isidentifier() for part in key.split(".")):
+    raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+  return key, raw
+
+
+def _replace_path(cfg, parts: list[str], value, full_key: str, base_dir: str):
   name = parts[0]
   names = {f.name for f in dataclasses.fields(cfg)}
   if name not in names:
@@ -250,19 +298,22 @@ def _replace_path(cfg, parts: list[str], value, full_key: str):
     if sub is not None and isinstance(value, dict):
       current = getattr(cfg, name)
       merged = {**to_dict(current), **value} if current is not None else value
-      new = from_dict(sub, merged, prefix=full_key)
+      new = from_dict(sub, merged, prefix=full_key, base_dir=base_dir)
     else:
-      new = _check_type(value, tp, full_key)
+      new = _check_type(value, tp, full_key, base_dir)
+      field = next(f for f in dataclasses.fields(cfg) if f.name == name)
+      if isinstance(new, str) and _is_path(field, to_dict(cfg)):
+        new = resolve_path(new, base_dir)
     return dataclasses.replace(cfg, **{name: new})
   child = getattr(cfg, name)
   if not dataclasses.is_dataclass(child):
     raise ConfigError(f"unknown config key {full_key} ({name!r} has no sub-keys)")
-  return dataclasses.replace(cfg, **{name: _replace_path(child, parts[1:], value, full_key)})
+  return dataclasses.replace(cfg, **{name: _replace_path(child, parts[1:], value, full_key, base_dir)})
 
 
 def load(cls: type[T], path: str, overrides: list[str] | tuple[str, ...] = ()) -> T:
   """Loads `cls` from a YAML file, then applies `key.sub=value` overrides."""
-  data = _read_yaml(path)
+  data = read_yaml(path)
   try:
     cfg = from_dict(cls, data, base_dir=os.path.dirname(os.path.abspath(path)))
   except ConfigError as e:

@@ -3,6 +3,8 @@
 A stage YAML composes the model and data files by path and may carry `overrides:` (`key.sub=value`
 strings applied after loading, e.g. stage 4's `model.text.rope_theta=8e6`); command-line overrides are
 applied after those. A schedule YAML (`configs/*/all.yaml`) lists stage files instead (see stages.py).
+Paths (tokenizer, init_from, run_dir, data sources) written in a file, its `overrides:` included, resolve
+against that file's directory; command-line overrides resolve against the current directory.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from keye_jax.config import ConfigError, KeyeConfig, _read_yaml, apply_overrides, from_dict
+from keye_jax.config import ConfigError, KeyeConfig, apply_overrides, from_dict, path_field, read_yaml
 from train.data.config import DataConfig
 
 MODULES = ("vision", "projector", "language")
@@ -64,7 +66,7 @@ class DistributedConfig:
 class TrainConfig:
   model: KeyeConfig = KeyeConfig()
   data: DataConfig = DataConfig()  # no sources: synthetic packed batches of the configured shapes
-  tokenizer: str = ""  # tokenizer directory (or tokenizer.json) for the data pipeline
+  tokenizer: str = path_field()  # tokenizer directory (or tokenizer.json) for the data pipeline
   optimizer: OptimizerConfig = OptimizerConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   distributed: DistributedConfig = DistributedConfig()
@@ -75,25 +77,29 @@ class TrainConfig:
   loss_chunk: int = 512  # sequence positions whose logits exist at once (vocabulary-chunked loss)
   max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before the run stops
   seed: int = 0
-  init_from: str = ""  # a previous stage's run dir, or a converted checkpoint dir
-  run_dir: str = "runs/default"
+  init_from: str = path_field()  # any checkpoint argument: a previous stage's run dir, a converted dir
+  run_dir: str = path_field("runs/default")
   log_every: int = 1
-  peak_tflops: float = 0.0  # per device, for MFU; 0 = known TPU table, or measured once on CPU
+  peak_tflops: float = 0.0  # per device, for MFU; 0 = the TPU table (no MFU where the peak is unknown)
 
   def __post_init__(self):
     if self.grad_accum < 1 or self.data.batch_size % self.grad_accum:
       raise ConfigError(f"grad_accum={self.grad_accum} must divide data.batch_size={self.data.batch_size}")
     if self.loss_chunk < 1:
       raise ConfigError("loss_chunk must be positive")
-
+    if self.steps < 0:
+      raise ConfigError(f"steps={self.steps} must be >= 0")
 
 
 def load_train_config(path: str, overrides=()) -> TrainConfig:
   """TrainConfig from a stage YAML: the file's own `overrides:`, then `overrides`."""
-  data = _read_yaml(path)
-  own = tuple(data.pop("overrides", ()) or ())
+  data = read_yaml(path)
+  own = data.pop("overrides", ()) or ()
+  base = os.path.dirname(os.path.abspath(path))
   try:
-    cfg = from_dict(TrainConfig, data, base_dir=os.path.dirname(os.path.abspath(path)))
-    return apply_overrides(cfg, [*own, *overrides])
+    if not isinstance(own, (list, tuple)):
+      raise ConfigError("overrides: expected a list of key.sub=value strings")
+    cfg = apply_overrides(from_dict(TrainConfig, data, base_dir=base), list(own), base_dir=base)
   except ConfigError as e:
-    raise ConfigError(f"{path}: {e}") from e
+    raise ConfigError(f"{path}: {e}") from None
+  return apply_overrides(cfg, list(overrides))

@@ -1,8 +1,8 @@
-"""`run(config_path, overrides)`: one training stage, or a whole schedule (`stages:` files, see stages.py).
+"""`train(cfg)`: one training stage (`keye train` dispatches stage and schedule files in stages.py).
 
   distributed init -> mesh -> data iterator -> jitted step -> resume (or init_from) -> loop:
-    step, metrics (console, metrics.jsonl, TensorBoard), checkpoint every N steps, SIGTERM -> save + exit,
-    non-finite loss/gradient -> update skipped, too many in a row -> stop with a message.
+    step, metrics (console, metrics.jsonl, TensorBoard), checkpoint every N steps, SIGTERM or Ctrl-C ->
+    save + exit, non-finite loss/gradient -> update skipped, too many in a row -> stop with a message.
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 
 import jax
 import numpy as np
-import yaml
 
-from keye_jax.config import to_dict
+from keye_jax import checkpoint_io
 from keye_jax.sharding import make_mesh
 from train import distributed
-from train.checkpointing import Checkpointer, restore_params
-from train.config import TrainConfig, load_train_config
+from train.checkpointing import Checkpointer, check_run_dir, finished_run, write_run_files
+from train.config import TrainConfig
 from train.metrics import MetricsWriter, flops_per_step, peak_flops_per_device
 from train.model_state import ModelShape, batch_shardings
 from train.step import abstract_state, init_state, make_step
@@ -31,17 +31,6 @@ log = logging.getLogger("train")
 
 class NonFiniteError(RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def run(config_path: str, overrides=()) -> dict:
-  """Trains per the YAML at `config_path`; returns {"run_dir", "final_step", "final_loss"} (a schedule
-  YAML returns the schedule's summary, see stages.run_schedule)."""
-  with open(config_path) as f:
-    raw = yaml.safe_load(f) or {}
-  if "stages" in raw:
-    from train.stages import run_schedule
-    return run_schedule(config_path, overrides)
-  return train(load_train_config(config_path, overrides))
 
 
 def _host(x):
@@ -92,58 +81,71 @@ def make_data(cfg: TrainConfig, mesh):
 
 
 def _init_params(cfg: TrainConfig, fns, shape: ModelShape):
-  """Parameters from `init_from` (a run dir of ours, or a converted checkpoint dir), else None."""
-  src = cfg.init_from
-  if not src:
+  """Parameters from `init_from` (any checkpoint argument: run dir or converted dir), else None."""
+  if not cfg.init_from:
     return None
+  ref = checkpoint_io.resolve(cfg.init_from)
   shardings = fns.state_shardings["params"]
-  if os.path.isdir(os.path.join(src, "checkpoints")):
+  print(f"initialising from {ref.describe()}", file=sys.stderr, flush=True)
+  if ref.kind == "run":
     abstract = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[k]) for k, s in shape.shapes().items()}
-    params, step = restore_params(src, abstract)
-    log.info("initialised from %s (step %d)", src, step)
-    return params
-  from checkpoints_convert.convert import load_flat
+    return checkpoint_io.restore_run_params(ref.path, abstract, ref.step)[0]
   from flax import nnx
 
   from keye_jax.model import KeyeVL
   from keye_jax.params import set_flat
   model = KeyeVL(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  set_flat(model, load_flat(src))
-  log.info("initialised from converted checkpoint %s", src)
+  set_flat(model, checkpoint_io.load_flat(ref.path))
   return jax.device_put(shape.flatten(model), shardings)
 
 
 class _Preemption:
-  """SIGTERM sets a flag the loop checks after each step (then: save, exit cleanly)."""
+  """SIGTERM or Ctrl-C (SIGINT) sets a flag the loop checks after each step (then: save, exit); a second
+  Ctrl-C interrupts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._old = None
+    self.requested = None  # the signal's name once one arrived
+    self._old = {}
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    for sig in self.SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):
-    log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
-    self.requested = True
+    name = signal.Signals(signum).name
+    if self.requested == "SIGINT" and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    print(f"{name}: saving a checkpoint after this step, then exiting", file=sys.stderr, flush=True)
+    self.requested = name
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 def train(cfg: TrainConfig) -> dict:
   distributed.initialize(cfg.distributed)
   primary = jax.process_index() == 0
   run_dir = os.path.abspath(cfg.run_dir)
+  check_run_dir(cfg, run_dir)
+  done = finished_run(run_dir, cfg.steps)
+  if done is not None:
+    print(f"{run_dir}: at step {done['final_step']} of {cfg.steps}, nothing to train", file=sys.stderr, flush=True)
+    return done
+  if cfg.data.sources and not cfg.tokenizer:
+    raise ValueError("tokenizer: empty; training on data sources needs a tokenizer directory")
+  if cfg.tokenizer and not os.path.exists(os.path.join(cfg.tokenizer, "tokenizer.json")) \
+      and not cfg.tokenizer.endswith(".json"):
+    raise FileNotFoundError(f"tokenizer: {cfg.tokenizer} holds no tokenizer.json (`keye data demo DIR` writes "
+                            "the demo's into DIR/tokenizer)")
   if primary:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-      yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    write_run_files(cfg, run_dir)
   mesh = make_mesh(cfg.mesh)
   data, sources = make_data(cfg, mesh)
   shape = ModelShape.of(cfg.model)
@@ -152,18 +154,18 @@ def train(cfg: TrainConfig) -> dict:
   ckpt = Checkpointer(run_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
   start = ckpt.latest_step()
   if start is not None:
+    print(f"resuming from step {start} ({run_dir})", file=sys.stderr, flush=True)
     state = ckpt.restore(start, abstract_state(fns), data)
     first = next(data)  # the batch after the restored position
-    log.info("resumed %s at step %d", run_dir, start)
   else:
     state = init_state(fns, cfg.seed, _init_params(cfg, fns, shape))
     start = 0
 
   d = cfg.data
-  flops = flops_per_step(cfg.model, d.batch_size, d.seq_len, d.num_patches if cfg.model.vision else 0)
-  peak = peak_flops_per_device(jax.devices()[0], cfg.peak_tflops) * jax.device_count()
-  writer = MetricsWriter(run_dir, cfg.steps, primary)
-  step, loss, batch = start, float("nan"), first
+  peak = peak_flops_per_device(jax.devices()[0], cfg.peak_tflops)  # None: unknown (CPU), no MFU
+  peak = peak * jax.device_count() if peak else None
+  writer = MetricsWriter(run_dir, cfg.steps, primary, resume_step=start)
+  step, loss, batch = start, None, first
   try:
     with _Preemption() as preempt:
       while step < cfg.steps:
@@ -174,6 +176,7 @@ def train(cfg: TrainConfig) -> dict:
         step += 1
         loss = float(m["loss"])
         if step % cfg.log_every == 0 or step == cfg.steps or bool(m["skipped_step"]):
+          flops = real_flops(cfg, m, batch) if peak else 0.0
           writer.write(_record(step, m, seconds, flops, peak, sources, int(_host(state["skipped"]))))
         if bool(m["skipped_step"]):
           log.warning("step %d: non-finite loss %s or grad norm %s; update skipped", step, m["loss"],
@@ -187,8 +190,9 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.maybe_save(step, state, data, force=step == cfg.steps or preempt.requested)
         if preempt.requested:
           ckpt.wait()
-          log.warning("checkpoint of step %d saved; exiting after SIGTERM", step)
-          return {"run_dir": run_dir, "final_step": step, "final_loss": loss, "preempted": True}
+          print(f"checkpoint of step {step} saved; exiting after {preempt.requested}", file=sys.stderr, flush=True)
+          return {"run_dir": run_dir, "final_step": step, "final_loss": loss, "preempted": True,
+                  "signal": preempt.requested}
         if step < cfg.steps:
           batch = next(data)
   finally:
@@ -199,11 +203,19 @@ def train(cfg: TrainConfig) -> dict:
   return {"run_dir": run_dir, "final_step": step, "final_loss": loss}
 
 
+def real_flops(cfg: TrainConfig, m: dict, batch: dict) -> float:
+  """Analytic FLOPs of the step's real (non-padding) tokens and patches."""
+  import jax.numpy as jnp
+  patches = float(jnp.sum(batch["patch_segment_ids"] > 0)) if "patch_segment_ids" in batch else 0.0
+  return flops_per_step(cfg.model, 1, cfg.data.seq_len, 0) * float(m["tokens"]) / cfg.data.seq_len \
+      + (flops_per_step(cfg.model, 1, 0, 1) * patches if cfg.model.vision is not None else 0.0)
+
+
 def _record(step, m, seconds, flops, peak, sources, skipped) -> dict:
   tokens = float(m["tokens"])
   rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
          "tokens_per_second": tokens / seconds, "step_seconds": seconds, "loss_tokens": float(m["loss_tokens"]),
-         "mfu": flops / seconds / peak, "skipped_steps": skipped}
+         "mfu": flops / seconds / peak if peak else None, "skipped_steps": skipped}
   for k, v in m.items():
     if k.startswith("lr/"):
       rec[k] = float(v)

@@ -1,63 +1,39 @@
 """`merge(ckpts, weights, out)`: weighted parameter averaging of checkpoints (the recipe merges models
-trained on different data mixtures). Inputs are training run dirs (their latest checkpoint) or converted
-checkpoint dirs, in any mix of layouts; the output is a converted checkpoint dir (what `keye eval`,
-`keye generate` and `init_from` read). Averaging runs on the host in float64, one tensor at a time.
+trained on different data mixtures). Inputs are any checkpoint arguments (run dirs: their latest
+checkpoint; converted checkpoint dirs), in any mix of layouts; the output is a converted checkpoint dir
+(what `keye eval`, `keye generate` and `init_from` read) carrying the first input's config and tokenizer.
+Averaging runs on the host in float64, one tensor at a time.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
-import jax
 import numpy as np
-import yaml
-from jax.sharding import SingleDeviceSharding
 
-from keye_jax.config import KeyeConfig, from_dict
-from keye_jax.params import get_flat
-from train.checkpointing import restore_params
-from train.model_state import ModelShape
-
-
-def is_run_dir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
-
-
-def run_model_config(run_dir: str) -> KeyeConfig:
-  with open(os.path.join(run_dir, "config.yaml")) as f:
-    return from_dict(KeyeConfig, yaml.safe_load(f)["model"])
-
-
-def load_run_model(run_dir: str, step: int | None = None):
-  """(model config, model, step) of a run dir's checkpoint, on this process's first device."""
-  cfg = run_model_config(run_dir)
-  shape = ModelShape.of(cfg)
-  dev = SingleDeviceSharding(jax.local_devices()[0])
-  abstract = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev) for k, s in shape.shapes().items()}
-  params, step = restore_params(run_dir, abstract, step)
-  return cfg, shape.build(params), step
-
-
-def load_canonical(path: str) -> tuple[KeyeConfig, dict[str, np.ndarray]]:
-  """(model config, canonical flat parameters) of a run dir or a converted checkpoint dir."""
-  if is_run_dir(path):
-    cfg, model, _ = load_run_model(path)
-    return cfg, get_flat(model)
-  from checkpoints_convert.convert import load_config, load_flat
-  return load_config(path), load_flat(path)
+from keye_jax import checkpoint_io
+from keye_jax.checkpoint_io import progress
 
 
 def merge(ckpts, weights, out: str) -> dict:
+  t0 = time.time()
   ckpts = list(ckpts)
   weights = [float(w) for w in (weights or [1.0] * len(ckpts))]
   if len(weights) != len(ckpts):
     raise ValueError(f"{len(ckpts)} checkpoints but {len(weights)} weights")
   if not ckpts or sum(weights) <= 0:
     raise ValueError("merge needs at least one checkpoint and weights with a positive sum")
+  refs = [checkpoint_io.resolve(p) for p in ckpts]  # every input checked before any is read
+  out = os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise checkpoint_io.CheckpointError(f"{out}: output directory exists and is not empty")
   total = sum(weights)
-  cfg, acc = None, None
-  for path, w in zip(ckpts, weights):
-    c, flat = load_canonical(path)
+  cfg, acc, dtypes = None, None, None
+  for i, (path, ref, w) in enumerate(zip(ckpts, refs, weights)):
+    progress(f"merge: reading {i + 1}/{len(refs)}: {ref.describe()} (weight {w / total:.3f})")
+    c, flat = checkpoint_io.load_canonical(ref)
     if acc is None:
       cfg, dtypes = c, {k: v.dtype for k, v in flat.items()}
       acc = {k: np.zeros(v.shape, np.float64) for k, v in flat.items()}
@@ -70,7 +46,13 @@ def merge(ckpts, weights, out: str) -> dict:
       acc[k] += (w / total) * np.asarray(v, np.float64)
     del flat
   merged = {k: v.astype(dtypes[k]) for k, v in acc.items()}
-  from checkpoints_convert.convert import write_converted
-  side = next((p for p in ckpts if not is_run_dir(p)), None)
-  write_converted(out, cfg, {}, [("all", merged)], side_files_from=side)
-  return {"out": os.path.abspath(out)}
+  del acc
+  first = refs[0]
+  hf_config = {}
+  if first.kind == "converted":
+    with open(os.path.join(first.path, "config.json")) as f:
+      hf_config = json.load(f)
+  tokenizer = next((r.tokenizer_dir for r in refs if r.tokenizer_dir), None)
+  checkpoint_io.write_converted(out, cfg, hf_config, [("all", merged)], tokenizer_from=tokenizer, what="merge")
+  progress(f"merge: wrote {out} in {time.time() - t0:.1f} s")
+  return {"out": out}

@@ -1,9 +1,14 @@
-"""Progress and metrics: analytic FLOPs and MFU, console lines, RUN_DIR/metrics.jsonl, TensorBoard events."""
+"""Progress and metrics: analytic FLOPs and MFU, console lines, RUN_DIR/metrics.jsonl, TensorBoard events.
+
+MFU is reported only where the peak is known: a TPU (its published bf16 peak) or a configured
+`peak_tflops`. On a CPU there is no trustworthy peak (a matmul timed during training shares the cores with
+the data workers and other processes), so runs there report none; benchmarks/bench_train.py measures it
+separately. FLOPs count the real (non-padding) tokens and patches of each step.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -46,37 +51,46 @@ def flops_per_step(cfg: KeyeConfig, batch: int, seq_len: int, num_patches: int) 
   return text_flops_per_step(cfg, batch, seq_len) + vision_flops_per_step(cfg, batch, num_patches)
 
 
-def peak_flops_per_device(device, configured_tflops: float = 0.0) -> float:
-  """Peak FLOP/s of one device: configured, else the TPU table, else measured (fp32 matmul on CPU)."""
+def peak_flops_per_device(device, configured_tflops: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device: configured, else the TPU table; None when unknown (CPU, GPU)."""
   if configured_tflops > 0:
     return configured_tflops * 1e12
+  if getattr(device, "platform", "") != "tpu":
+    return None
   kind = getattr(device, "device_kind", "").lower()
   for name, tf in sorted(TPU_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
     if name in kind:
       return tf * 1e12
-  return measure_matmul_flops()
+  return None
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-  """Best-of-`repeats` FLOP/s of an (n x n) @ (n x n) fp32 matmul on the default device."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+def truncate_metrics(path: str, step: int) -> int:
+  """Drops the records after `step` from a metrics.jsonl (written after the checkpoint a run resumes
+  from, e.g. before a kill -9); returns how many were dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
+      pass
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return len(lines) - len(keep)
 
 
 class MetricsWriter:
   """Writes one JSON object per logged step and TensorBoard scalars (primary process only), and prints
-  a progress line to stderr."""
+  a progress line to stderr. `resume_step`: records after it are dropped first (they are retrained)."""
 
-  def __init__(self, run_dir: str, total_steps: int, primary: bool = True):
+  def __init__(self, run_dir: str, total_steps: int, primary: bool = True, resume_step: int = 0):
     self.primary, self.total = primary, total_steps
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self._tb = None
@@ -84,10 +98,12 @@ class MetricsWriter:
     if primary:
       os.makedirs(run_dir, exist_ok=True)
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      truncate_metrics(self.path, resume_step)
       self._tb = EventFileWriter(os.path.join(run_dir, "tensorboard"))
       self._file = open(self.path, "a")
 
   def write(self, record: dict):
+    record = {k: v for k, v in record.items() if v is not None}
     step = int(record["step"])
     if self._start_step is None:
       self._start, self._start_step = time.time(), step - 1

@@ -3,14 +3,18 @@ ahead of time for the topology through libtpu (no TPU needed) and reads the comp
 
 Reported per chip: parameters, optimizer state, the batch, temporaries (activations, gradients, logits
 chunks, collectives' buffers), their total against the chip's HBM, and analytic FLOPs per step (the
-compiler's own count sees a scanned layer once, so it is not used).
+compiler's own count sees a scanned layer once, so it is not used). When the compiler itself refuses the
+program for lack of memory, the report says {"fits": false, ...} with the compiler's own figure.
+Needs libtpu (`make setup-tpu`, or pip install "jax[tpu]"), not a TPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
+import re
 import sys
 
 import jax
@@ -36,10 +40,35 @@ def hbm_gib(topology: str) -> float:
 
 
 def tpu_devices(topology: str):
+  if importlib.util.find_spec("libtpu") is None:
+    raise ModuleNotFoundError("keye plan compiles for TPUs through libtpu, which is not installed: run "
+                              "`make setup-tpu` (or pip install 'jax[tpu]==0.10.2')")
   # Compiling only: several processes (parallel plans, tests) may load libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
-  return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # libtpu reports an unknown topology as a plain runtime error
+    raise ValueError(f"--topology {topology}: libtpu cannot build it ({str(e).splitlines()[0]})") from None
+
+
+_OOM = re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", re.IGNORECASE)
+_UNIT = {"": 1 / GIB, "K": 1 / 1024 ** 2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+
+
+def out_of_memory(e: Exception) -> dict | None:
+  """The compiler's figures from a RESOURCE_EXHAUSTED compile error ({"per_chip_gib", "compiler_hbm_gib",
+  "error"}), or None for any other error."""
+  text = str(e)
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+    return None
+  first = next((line.strip() for line in text.splitlines() if "memory" in line.lower()), text.splitlines()[0])
+  m = _OOM.search(text)
+  out = {"error": first[:300]}
+  if m:
+    out["per_chip_gib"] = float(m.group(1)) * _UNIT[m.group(2).upper()]
+    out["compiler_hbm_gib"] = float(m.group(3)) * _UNIT[m.group(4).upper()]
+  return out
 
 
 def abstract_batch(cfg, mesh) -> dict:
@@ -76,7 +105,17 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
   state = abstract_state(fns)
   print(f"compiling the training step for {topology} ({len(devices)} chips, mesh {dict(mesh.shape)}) ...",
         file=sys.stderr, flush=True)
-  compiled = fns.step.lower(state, batch).compile()
+  hbm = hbm_gib(topology)
+  try:
+    compiled = fns.step.lower(state, batch).compile()
+  except Exception as e:  # the compiler's own verdict that the program does not fit
+    oom = out_of_memory(e)
+    if oom is None:
+      raise
+    report = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "fits": False,
+              "per_chip_gib": oom.get("per_chip_gib"), "hbm_gib": hbm, **oom}
+    print(f"{topology}: DOES NOT FIT: {oom['error']}", file=sys.stderr, flush=True)
+    return report
   mem = compiled.memory_analysis()
   params_b, opt_b = per_chip_bytes(state["params"]), per_chip_bytes(state["opt"])
   batch_b = per_chip_bytes(batch)
@@ -84,7 +123,6 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
   # Arguments (state + batch) + temporaries + outputs not aliased to donated arguments + code.
   total_b = int(mem.argument_size_in_bytes) + temp_b + int(mem.output_size_in_bytes) \
       - int(mem.alias_size_in_bytes) + int(mem.generated_code_size_in_bytes)
-  hbm = hbm_gib(topology)
   d = cfg.data
   flops = flops_per_step(cfg.model, d.batch_size, d.seq_len, d.num_patches if cfg.model.vision else 0)
   report = {

@@ -2,6 +2,12 @@
 
 Progress goes to stderr; each command that has a result prints it as one JSON object, the last line on
 stdout. Heavy imports happen inside each command so `keye --help` is instant.
+
+Exit codes: 0 done; 1 the command ran but its check failed (plan does not fit, verify above tolerance,
+data check above the bad fraction); 2 bad input (a one-line error naming the file/key, no traceback);
+130 interrupted (Ctrl-C; training saves a checkpoint first).
+Paths given here (arguments and `key=value` overrides) resolve against the current directory; paths
+written inside a config file resolve against that file.
 """
 
 from __future__ import annotations
@@ -12,8 +18,19 @@ import os
 import sys
 
 
+def _finite(x):
+  """Non-finite floats (a NaN loss) become null: the result line stays valid JSON."""
+  if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+    return None
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  return x
+
+
 def _emit(result: dict) -> None:
-  print(json.dumps(result), flush=True)
+  print(json.dumps(_finite(result), allow_nan=False), flush=True)
 
 
 def _convert(args) -> int:
@@ -29,40 +46,70 @@ def _convert(args) -> int:
 
 def _verify(args) -> int:
   from checkpoints_convert import verify
-  result = verify.verify(args.ckpt, golden=args.golden, hf_dir=args.hf_dir, atol=args.atol)
+  result = verify.verify(args.ckpt, golden=args.golden, hf_dir=args.hf_dir, atol=args.atol,
+                         trust_remote_code=args.trust_remote_code)
   _emit(result)
   return 0 if result["ok"] else 1
 
 
 def _data(args) -> int:
   if args.what == "demo":
+    from keye_jax.processing.tokenizer import build_demo_tokenizer
     from train.data.demo import write_demo_dataset
-    _emit(write_demo_dataset(args.path, seed=args.seed))
-  else:
-    from train.data.check import check_source
-    _emit(check_source(args.path))
+    result = write_demo_dataset(args.path, seed=args.seed)
+    build_demo_tokenizer(os.path.join(args.path, "tokenizer"))  # what the demo stage configs read
+    _emit(result)
+    return 0
+  from train.data.check import check_source
+  result = check_source(args.path)
+  bad = sum(result["bad"].values())
+  _emit(result)
+  if result["total"] == 0 or bad > args.max_bad_fraction * result["total"]:
+    print(f"keye data check: {bad} of {result['total']} samples are bad, above --max-bad-fraction "
+          f"{args.max_bad_fraction}", file=sys.stderr)
+    return 1
   return 0
 
 
 def _train(args) -> int:
-  from train import loop
-  _emit(loop.run(args.config, args.overrides))
-  return 0
+  from train import stages
+  result = stages.run(args.config, args.overrides)
+  _emit(result)
+  return 130 if result.get("signal") == "SIGINT" else 0
 
 
 def _plan(args) -> int:
   from train import plan
+  from train.rl.config import is_rl_config
+  if is_rl_config(args.config):
+    from train.rl import plan
   result = plan.plan(args.config, args.topology, args.overrides)
   _emit(result)
   return 0 if result["fits"] else 1
 
 
 def _generate(args) -> int:
-  from checkpoints_convert import load_model
+  from keye_jax import checkpoint_io
   from keye_jax.cli.generate import generate_cli
+  from keye_jax.generate import encode_messages
   from keye_jax.processing.tokenizer import load_tokenizer
-  _, model = load_model(args.ckpt, args.override)
-  tokenizer = load_tokenizer(args.ckpt)
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+  if not args.temperature >= 0:
+    raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+  ref = checkpoint_io.resolve(args.ckpt)
+  tokenizer = load_tokenizer(checkpoint_io.tokenizer_dir(ref))
+  cfg = checkpoint_io.model_config(ref)
+  content = ([{"type": "image", "image": os.path.abspath(p)} for p in args.image]
+             + [{"type": "video", "video": os.path.abspath(p)} for p in args.video]
+             + [{"type": "text", "text": args.prompt}])
+  prompt = encode_messages([{"role": "user", "content": content}], tokenizer)  # images over max_pixels shrink
+  limit = cfg.text.max_position_embeddings
+  if len(prompt.input_ids) + args.max_new_tokens > limit:
+    raise ValueError(f"the prompt is {len(prompt.input_ids)} tokens and --max-new-tokens is {args.max_new_tokens}: "
+                     f"together more than the model's {limit} positions (at most {limit - args.max_new_tokens} "
+                     "prompt tokens; use smaller images/videos or fewer new tokens)")
+  _, model = checkpoint_io.load_model(ref, args.override)
   result = generate_cli(model, tokenizer, args.prompt, images=args.image, videos=args.video,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         seed=args.seed, stream=lambda s: print(s, end="", file=sys.stderr, flush=True))
@@ -72,12 +119,43 @@ def _generate(args) -> int:
 
 
 def _eval(args) -> int:
-  from checkpoints_convert import load_model
+  from keye_jax import checkpoint_io
   from keye_jax.evaluate import run_eval
+  from keye_jax.evaluate.harness import adapter, checkpoint_identity
   from keye_jax.processing.tokenizer import load_tokenizer
-  _, model = load_model(args.ckpt, args.override)
-  tokenizer = load_tokenizer(args.ckpt)
-  _emit(run_eval(model, tokenizer, args.benchmark, args.data, args.out))
+  mod = adapter(args.benchmark)  # an unknown benchmark or a missing judge fails before any model loads
+  if args.limit is not None and args.limit < 1:
+    raise ValueError(f"--limit must be at least 1, got {args.limit}")
+  if args.judge_cmd and args.judge_ckpt:
+    raise ValueError("give one judge: --judge-cmd or --judge-ckpt")
+  if getattr(mod, "NEEDS_JUDGE", False) and not (args.judge_cmd or args.judge_ckpt):
+    raise ValueError(f"{mod.NAME} is scored by a judge: give --judge-cmd CMD or --judge-ckpt CKPT")
+  if not os.path.exists(args.data):
+    raise FileNotFoundError(f"--data {args.data}: no such file or directory")
+
+  def identity(ref) -> str:
+    if ref.kind == "converted":
+      return checkpoint_identity(ref.path)
+    return checkpoint_identity(os.path.join(ref.path, checkpoint_io.RUN_CHECKPOINTS, str(ref.step)))
+
+  ref = checkpoint_io.resolve(args.ckpt)  # a converted checkpoint or a run dir, relative or absolute
+  judge = judge_name = None
+  if args.judge_ckpt:
+    from keye_jax.evaluate.mia_bench import sampler_judge
+    from keye_jax.generate import Sampler, encode_messages
+    jref = checkpoint_io.resolve(args.judge_ckpt)
+    jtok = load_tokenizer(checkpoint_io.tokenizer_dir(jref))
+    _, jmodel = checkpoint_io.load_model(jref, args.override)
+    judge = sampler_judge(Sampler(jmodel, jtok), lambda m: encode_messages(m, jtok, thinking=False))
+    judge_name = f"ckpt:{identity(jref)}"
+
+  def load():  # only once the data has loaded and something is left to generate
+    return checkpoint_io.load_model(ref, args.override)[1], load_tokenizer(checkpoint_io.tokenizer_dir(ref))
+
+  _emit(run_eval(None, None, args.benchmark, args.data, args.out, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge_cmd=args.judge_cmd,
+                 judge=judge, judge_name=judge_name, limit=args.limit, checkpoint=identity(ref),
+                 overwrite=args.overwrite, load_model=load))
   return 0
 
 
@@ -114,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("golden", nargs="?", metavar="GOLDEN.npz")
   v.add_argument("--hf-dir", default=None)
   v.add_argument("--atol", type=float, default=1e-3)
+  v.add_argument("--trust-remote-code", action="store_true",
+                 help="with --hf-dir: allow running the checkpoint directory's own Python modeling code")
   v.set_defaults(fn=_verify)
 
   d = sub.add_parser("data", help="datasets")
@@ -123,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("--seed", type=int, default=0)
   a = dsub.add_parser("check", help="decode every sample of a source and report bad ones")
   a.add_argument("path", metavar="SOURCE")
+  a.add_argument("--max-bad-fraction", type=float, default=0.05,
+                 help="exit 1 when more than this fraction of the samples is bad (data.max_bad_fraction)")
   d.set_defaults(fn=_data)
 
   t = sub.add_parser("train", help="train from a stage or all-stages YAML config")
@@ -135,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
   pl.add_argument("--topology", required=True, help="e.g. v5p:4x4x4")
   pl.add_argument("overrides", nargs="*", metavar="key.sub=value")
   pl.set_defaults(fn=_plan)
+
+  from keye_jax.cli import rl
+  rl.add_parser(sub)
 
   g = sub.add_parser("generate", help="generate an answer for a prompt with optional images/videos")
   g.add_argument("ckpt", metavar="CKPT")
@@ -154,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--data", required=True)
   e.add_argument("--out", required=True)
   e.add_argument("--override", action="append", default=[], metavar="key=value")
+  e.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items")
+  e.add_argument("--batch-size", type=int, default=8)
+  e.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's own")
+  e.add_argument("--temperature", type=float, default=0.0)
+  e.add_argument("--judge-cmd", default=None, metavar="CMD",
+                 help="judge for MIA-Bench: a shell command reading the grading prompt on stdin (image paths "
+                      "in $KEYE_JUDGE_IMAGES), replying on stdout")
+  e.add_argument("--judge-ckpt", default=None, metavar="CKPT", help="judge for MIA-Bench: one of our checkpoints")
+  e.add_argument("--overwrite", action="store_true",
+                 help="recompute when --out holds predictions of another checkpoint or other settings")
   e.set_defaults(fn=_eval)
 
   m = sub.add_parser("merge", help="weighted average of checkpoints")
@@ -183,10 +278,25 @@ def main(argv: list[str] | None = None) -> int:
       host_memory.keep_freed_memory()  # before the command creates JAX's CPU client
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    # Bad input (config keys, checkpoint tensors, media): one clear line, no traceback.
-    print(f"keye {args.command}: error: {e}", file=sys.stderr)
+  except KeyboardInterrupt:
+    print(f"\nkeye {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:
+    if not isinstance(e, _user_errors()):
+      raise  # a bug: the traceback is what is needed
+    # Bad input (config keys, checkpoint tensors, media, data): one clear line, no traceback.
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"keye {args.command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _user_errors() -> tuple[type, ...]:
+  """Exceptions that report bad input or an unusable environment (their message says what to fix)."""
+  types = [ValueError, OSError, KeyError, ImportError]
+  for module, name in (("train.data.pipeline", "DataError"), ("train.loop", "NonFiniteError")):
+    if module in sys.modules:
+      types.append(getattr(sys.modules[module], name))
+  return tuple(types)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def env(devices: int = 1) -> dict:
 
 
 def train_process(config: str, *overrides, devices: int = 1, extra_env=None) -> subprocess.Popen:
-  code = ("import json, sys; from train.loop import run; "
+  code = ("import json, sys; from train.stages import run; "
           "print(json.dumps(run(sys.argv[1], sys.argv[2:])))")
   return subprocess.Popen([sys.executable, "-c", code, config, *overrides], cwd=REPO,
                           env={**env(devices), **(extra_env or {})}, stdout=subprocess.PIPE,

@@ -7,6 +7,7 @@ will not lose samples during training (over-long examples aside: they depend on 
 from __future__ import annotations
 
 import sys
+import time
 
 import grain
 
@@ -29,11 +30,12 @@ def default_tokenizer():
 
 
 def check_source(source: SourceConfig | str, tokenizer=None, *, encode=None, vision: dict | None = None,
-                 workers: int = 0, report=_report_to_stderr) -> dict:
+                 workers: int = 0, report=_report_to_stderr, progress: bool = True) -> dict:
   """Decodes every sample; calls `report(where, reason, error)` for each bad one.
 
   Returns {"total": N, "ok": N, "bad": {reason: N}}. `tokenizer` defaults to the demo tokenizer,
-  `encode` to keye_jax.processing.encode_example, `vision` are its keyword arguments."""
+  `encode` to keye_jax.processing.encode_example, `vision` are its keyword arguments. `progress`: a line
+  on stderr every 5 seconds."""
   src = open_source(source)
   tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
   ds = grain.MapDataset.source(src).map(Decoder(tokenizer, 0, encode=encode, vision_kwargs=vision))
@@ -44,9 +46,14 @@ def check_source(source: SourceConfig | str, tokenizer=None, *, encode=None, vis
       flags.FLAGS.mark_as_parsed()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   total, bad = 0, {}
+  t0 = last = time.time()
   for item in stream:
     total += 1
     if is_bad(item):
       bad[item["_bad"]] = bad.get(item["_bad"], 0) + 1
       report(item["_where"], item["_bad"], item["_error"])
+    if progress and time.time() - last >= 5:
+      last = time.time()
+      print(f"data check: {total} of {len(src)} samples, {sum(bad.values())} bad, {last - t0:.0f} s",
+            file=sys.stderr, flush=True)
   return {"total": total, "ok": total - sum(bad.values()), "bad": dict(sorted(bad.items()))}

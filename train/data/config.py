@@ -17,7 +17,7 @@ import dataclasses
 import os
 from typing import Any
 
-from keye_jax.config import ConfigError
+from keye_jax.config import ConfigError, path_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +25,12 @@ class SourceConfig:
   """One source. `kind` "auto" infers it: *.jsonl -> jsonl, *.array_record* or a directory of them ->
   array_record, a TFDS dataset directory (has dataset_info.json) or `kind: tfds` -> tfds."""
 
-  path: str = ""
+  path: str = path_field(unless="data_dir")  # relative: to the YAML file (see keye_jax/config.py)
   kind: str = "auto"  # auto | jsonl | array_record | tfds
   weight: float = 1.0
   name: str = ""  # for per-source counts and loss; defaults to the file name
   split: str = "train"  # tfds only
-  data_dir: str = ""  # tfds only: the TFDS data_dir when `path` is a dataset name
+  data_dir: str = path_field()  # tfds only: the TFDS data_dir when `path` is a dataset name
 
   @property
   def display_name(self) -> str:
