@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from keye_jax import checkpoint_io
-from keye_jax.checkpoint_io import progress
+from keye_jax.checkpoint_io import load_canonical, progress  # noqa: F401  (load_canonical: for callers of merge)
 
 
 def merge(ckpts, weights, out: str) -> dict:
