@@ -212,15 +212,21 @@ def real_flops(cfg: TrainConfig, m: dict, batch: dict) -> float:
 
 
 def _record(step, m, seconds, flops, peak, sources, skipped) -> dict:
-  tokens = float(m["tokens"])
+  """One metrics line: the step's time, throughput and MFU, then whatever the step and its loss returned:
+  per-source sums `source_<x>_sum` (K,) over `source_tokens` (K,) as `<x>/<source>` (sources without
+  tokens in this batch left out), every other scalar as it is."""
   rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-         "tokens_per_second": tokens / seconds, "step_seconds": seconds, "loss_tokens": float(m["loss_tokens"]),
+         "tokens_per_second": float(m["tokens"]) / seconds, "step_seconds": seconds,
          "mfu": flops / seconds / peak if peak else None, "skipped_steps": skipped}
+  counts = np.asarray(m.get("source_tokens", np.zeros(0)))
   for k, v in m.items():
-    if k.startswith("lr/"):
+    v = np.asarray(v)
+    if k in rec or k in ("skipped_step", "source_tokens"):
+      continue
+    if k.startswith("source_") and k.endswith("_sum") and v.shape == counts.shape:
+      for i, name in enumerate(sources[:len(counts)]):
+        if counts[i] > 0:
+          rec[f"{k[len('source_'):-len('_sum')]}/{name}"] = float(v[i]) / float(counts[i])
+    elif v.ndim == 0:
       rec[k] = float(v)
-  for i, name in enumerate(sources):
-    n = float(m["source_tokens"][i])
-    if n > 0:
-      rec[f"loss/{name}"] = float(m["source_loss_sum"][i]) / n
   return rec

@@ -1,6 +1,15 @@
 """One training step: loss and gradients (optionally over microbatches), global-norm clipping, AdamW,
 and skipping updates whose loss or gradient is not finite. Jitted once over the mesh with donated state.
 
+The loss is a function `loss_fn(model, batch) -> (sum, denominator, metrics)`:
+  sum          scalar, differentiated;
+  denominator  scalar the sum is divided by, e.g. the number of target tokens; it must not depend on the
+               parameters (no gradient is taken through it);
+  metrics      dict of arrays, returned by the step beside its own (loss, grad_norm, ...).
+With microbatches, sums, denominators and metrics are summed over them and the loss is sum / denominator
+of the whole global batch, so microbatching changes nothing. A zero denominator gives a zero loss. The
+default is the chunked next-token cross-entropy (train/losses/cross_entropy.py).
+
 Train state (a pytree, also what checkpoints hold):
   step       int32   steps taken (skipped ones included: their data was consumed)
   params     {key: array}  every parameter, fp32 master copies
@@ -20,7 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train.config import TrainConfig
-from train.loss import loss_sums, next_token_targets
+from train.losses.cross_entropy import cross_entropy_loss
 from train.model_state import ModelShape, batch_shardings, init_params, like_shardings
 from train.optimizer import clip_by_global_norm, make_optimizer, trainable_keys
 
@@ -44,7 +53,11 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
     "LIBRARY_FUSION_TYPE_" + t for t in ("DOT", "INDIVIDUAL_DOT", "REDUCE", "ELTWISE"))}
 
 
-def _microbatches(batch: dict, n: int) -> dict:
+def _nonzero(denom):
+  return jnp.where(denom != 0, denom, 1.0)
+
+
+def microbatches(batch: dict, n: int) -> dict:
   """(B, ...) -> (n, B/n, ...) with microbatch i = rows i, i+n, ...: each microbatch stays spread over
   the devices the batch is split across. position_ids (3, B, S) -> (n, 3, B/n, S)."""
   out = {}
@@ -57,13 +70,18 @@ def _microbatches(batch: dict, n: int) -> dict:
   return out
 
 
-def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch_keys) -> StepFns:
+def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch_keys,
+              loss_fn: Callable | None = None) -> StepFns:
+  """The jitted step over `mesh` for batches with `batch_keys`; `loss_fn` (see the module docstring)
+  defaults to the cross-entropy with cfg.loss_chunk, cfg.z_loss and per-source sums over `num_sources`."""
   params_abstract = shape.shapes()
   train_keys = trainable_keys(params_abstract, cfg.optimizer)
   if not train_keys:
     raise ValueError(f"optimizer.trainable={cfg.optimizer.trainable} selects no parameters of this model")
   tx, schedules = make_optimizer(cfg.optimizer, train_keys, cfg.steps)
-  accum, chunk, z = cfg.grad_accum, cfg.loss_chunk, cfg.z_loss
+  accum = cfg.grad_accum
+  if loss_fn is None:
+    loss_fn = cross_entropy_loss(chunk=cfg.loss_chunk, z_loss=cfg.z_loss, num_sources=num_sources)
 
   compute = jnp.dtype(cfg.model.dtype)
 
@@ -73,30 +91,36 @@ def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch
     cast = k.endswith("kernel") or k == "decoder/embed/embedding"
     return v.astype(compute) if cast and compute.itemsize < v.dtype.itemsize else v
 
-  def loss_fn(trainable, frozen, batch, denom):
-    model = shape.build({k: to_compute(k, v) for k, v in {**trainable, **frozen}.items()})
-    total, per_src, per_src_n = loss_sums(model, batch, chunk=chunk, z_loss=z, num_sources=num_sources)
-    return total / denom, (per_src, per_src_n)
+  def model_of(trainable, frozen):
+    return shape.build({k: to_compute(k, v) for k, v in {**trainable, **frozen}.items()})
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  def mean_loss(trainable, frozen, batch):
+    # One batch: the sum is divided inside, so the backward starts from 1 / denominator.
+    total, denom, metrics = loss_fn(model_of(trainable, frozen), batch)
+    denom = jax.lax.stop_gradient(denom)
+    return total / _nonzero(denom), (total, denom, metrics)
+
+  def summed_loss(trainable, frozen, batch):
+    total, denom, metrics = loss_fn(model_of(trainable, frozen), batch)
+    return total, (jax.lax.stop_gradient(denom), metrics)
 
   def step(state, batch):
     params = state["params"]
     trainable = {k: params[k] for k in train_keys}
     frozen = {k: v for k, v in params.items() if k not in trainable}
-    # Normalise by the loss tokens of the whole global batch, so microbatching changes nothing.
-    denom = jnp.maximum(next_token_targets(batch)[1].sum(), 1.0)
     if accum == 1:
-      (loss, (per_src, per_n)), grads = grad_fn(trainable, frozen, batch, denom)
+      (loss, (total, denom, metrics)), grads = jax.value_and_grad(mean_loss, has_aux=True)(trainable, frozen, batch)
     else:
-      def body(carry, micro):
-        (loss, (ps, pn)), g = grad_fn(trainable, frozen, micro, denom)
-        acc_loss, acc_ps, acc_pn, acc_g = carry
-        return (acc_loss + loss, acc_ps + ps, acc_pn + pn, jax.tree.map(jnp.add, acc_g, g)), None
+      # Gradients of the microbatches' sums, divided once by the whole batch's denominator.
+      def body(acc_g, micro):
+        (total, (denom, metrics)), g = jax.value_and_grad(summed_loss, has_aux=True)(trainable, frozen, micro)
+        return jax.tree.map(jnp.add, acc_g, g), (total, denom, metrics)
 
-      zeros = (jnp.zeros(()), jnp.zeros(num_sources), jnp.zeros(num_sources),
-               jax.tree.map(jnp.zeros_like, trainable))
-      (loss, per_src, per_n, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, accum))
+      grads, outs = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable), microbatches(batch, accum))
+      total, denom, metrics = jax.tree.map(lambda x: x.sum(0), outs)
+      inv = 1.0 / _nonzero(denom)
+      loss = total * inv
+      grads = jax.tree.map(lambda g: g * inv.astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if cfg.optimizer.clip_norm > 0:
@@ -117,8 +141,8 @@ def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch
         nonfinite=jnp.where(ok, 0, state["nonfinite"] + 1),
         skipped=state["skipped"] + (~ok).astype(jnp.int32),
     )
-    metrics = dict(loss=loss, grad_norm=grad_norm, loss_tokens=denom, tokens=(batch["segment_ids"] > 0).sum(), source_loss_sum=per_src,
-                   source_tokens=per_n, skipped_step=~ok,
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, loss_denominator=denom,
+                   tokens=(batch["segment_ids"] > 0).sum(), skipped_step=~ok,
                    **{f"lr/{m}": s(state["step"]) for m, s in schedules.items()})
     return new_state, metrics
 

@@ -1,4 +1,5 @@
-"""The chunked loss equals cross-entropy over full logits, with the documented target rule."""
+"""The chunked loss equals cross-entropy over full logits, with the documented target rule; token_logprobs
+equals a plain log_softmax of the full logits."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,13 @@ import numpy as np
 
 import pytest
 
-from train.loss import chunked_token_losses, next_token_targets, token_cross_entropy
+from flax import nnx
+
+from keye_jax.config import KeyeConfig, from_dict
+from keye_jax.model import KeyeVL
+from tests.train.helpers import TEXT_MODEL
+from train.losses.cross_entropy import (chunked_token_losses, cross_entropy_loss, next_token_targets,
+                                        token_cross_entropy, token_logprobs)
 
 
 def test_targets_follow_mask_and_segments():
@@ -56,3 +63,26 @@ def test_cross_entropy_gradient_matches_autodiff(gather):
   ref, ref_vjp = jax.vjp(plain, logits)
   np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
   np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_equal_full_logits_log_softmax(temperature):
+  """log p(input_ids[t+1]) at position t from the chunked path equals jax.nn.log_softmax of the model's
+  full logits / temperature, gathered at the next token; at temperature 1 it is minus the loss's terms."""
+  model = KeyeVL(from_dict(KeyeConfig, TEXT_MODEL), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(4)
+  b, s = 2, 32
+  ids = jnp.asarray(rng.integers(0, 256, (b, s)), jnp.int32)
+  batch = dict(input_ids=ids, segment_ids=jnp.ones((b, s), jnp.int32), loss_mask=jnp.ones((b, s), bool),
+               position_ids=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (3, b, s)))
+  got = token_logprobs(model, batch, chunk=8, temperature=temperature)
+  assert got.shape == (b, s) and got.dtype == jnp.float32
+  logp = jax.nn.log_softmax(model(batch).astype(jnp.float32) / temperature, axis=-1)
+  want = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(got[:, :-1], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[:, -1], 0.0)
+  if temperature == 1.0:
+    total, count, metrics = cross_entropy_loss(chunk=8)(model, batch)
+    _, w = next_token_targets(batch)
+    np.testing.assert_allclose(total, -(got * w).sum(), rtol=1e-6)
+    assert float(count) == float(w.sum()) == float(metrics["source_tokens"][0])

@@ -12,17 +12,19 @@ from tests.train.helpers import TEXT_MODEL, TINY_MODEL, run_python
 from train.config import OptimizerConfig, TrainConfig
 from train.data.config import DataConfig
 from train.model_state import ModelShape
+from train.losses.cross_entropy import next_token_targets, token_logprobs
 from train.optimizer import clip_by_global_norm
 from train.step import init_state, make_step
 from train.synthetic import SyntheticBatches
 
 
-def _setup(model_cfg, batch_size=4, **kw):
+def _setup(model_cfg, batch_size=4, loss_fn=None, **kw):
   cfg = TrainConfig(model=model_cfg, data=DataConfig(seq_len=64, num_patches=32, batch_size=batch_size),
                     steps=10, loss_chunk=16, **kw)
   batches = SyntheticBatches(model_cfg, seq_len=64, num_patches=32, batch_size=batch_size, seed=1)
   first = next(batches)
-  fns = make_step(cfg, ModelShape.of(model_cfg), make_mesh({"fsdp": 1}, jax.devices()[:1]), 1, list(first))
+  fns = make_step(cfg, ModelShape.of(model_cfg), make_mesh({"fsdp": 1}, jax.devices()[:1]), 1, list(first),
+                  loss_fn=loss_fn)
   return fns, [first] + [next(batches) for _ in range(2)]
 
 
@@ -63,6 +65,36 @@ def test_grad_accumulation_equals_large_batch():
   # turns summation-order rounding into a visible difference: atol is ~2% of how far parameters moved (3e-4).
   for k, v in _host(s1["params"]).items():
     np.testing.assert_allclose(v, np.asarray(s4["params"][k]), rtol=1e-5, atol=5e-6, err_msg=k)
+
+
+def _sequence_loss(model, batch):
+  """A loss of another shape: each sequence's mean next-token log-prob, averaged over sequences (rows with
+  targets), with metrics of its own."""
+  logp = token_logprobs(model, batch, chunk=16)
+  _, w = next_token_targets(batch)
+  n = w.sum(-1)
+  per_row = -(logp * w).sum(-1) / jnp.maximum(n, 1.0)
+  rows = (n > 0).astype(jnp.float32)
+  return (per_row * rows).sum(), rows.sum(), dict(rows=rows.sum(), targets=n.sum(), per_row=per_row.sum())
+
+
+def test_custom_loss_its_metrics_and_microbatches():
+  """A loss_fn given to make_step: its sum over its denominator is the step's loss, its metrics come back
+  (summed over microbatches), and splitting the batch in microbatches changes nothing."""
+  model = from_dict(KeyeConfig, TEXT_MODEL)
+  fns1, batches = _setup(model, batch_size=8, loss_fn=_sequence_loss)
+  fns2, _ = _setup(model, batch_size=8, loss_fn=_sequence_loss, grad_accum=2)
+  s1, s2 = init_state(fns1, 0), init_state(fns2, 0)
+  for b in batches[:2]:
+    s1, m1 = fns1.step(s1, b)
+    s2, m2 = fns2.step(s2, b)
+    assert float(m1["rows"]) == float(m2["rows"]) == float(m1["loss_denominator"]) == 8
+    assert float(m1["targets"]) == float(m2["targets"]) > 0
+    np.testing.assert_allclose(m1["loss"], float(m1["per_row"]) / 8, rtol=1e-6)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+  for k, v in _host(s1["params"]).items():
+    np.testing.assert_allclose(v, np.asarray(s2["params"][k]), rtol=1e-5, atol=5e-6, err_msg=k)
 
 
 def test_nonfinite_step_is_skipped_and_counted():

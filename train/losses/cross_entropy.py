@@ -1,4 +1,5 @@
-"""Next-token cross-entropy from hidden states and the lm_head kernel, a chunk of positions at a time.
+"""Next-token cross-entropy from hidden states and the lm_head kernel, a chunk of positions at a time, and
+the per-token log-probabilities other losses build on (`token_logprobs`).
 
 Full-vocabulary fp32 logits for a whole batch never exist: positions are split into `n` strided chunks
 (chunk j holds positions j, j+n, j+2n, ...; strided so that a sequence sharded over the `context` axis
@@ -7,6 +8,9 @@ stays sharded inside every chunk), and each chunk's logits are recomputed in the
 vocabulary (see `chunked_token_losses`).
 
 Targets: position t predicts input_ids[t+1] when loss_mask[t+1] and t, t+1 are in the same segment.
+
+`cross_entropy_loss(...)` is the training step's default loss: a function (model, batch) -> (sum of the
+weighted token losses, number of target tokens, metrics), see train/step.py for the contract.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ def _num_chunks(seq_len: int, chunk: int) -> int:
   return n
 
 
-def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: float = 0.0):
-  """Per-position (cross-entropy + z_loss * logsumexp^2) (B, S) float32, logits one chunk at a time."""
+def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: float = 0.0,
+                         temperature: float = 1.0):
+  """Per-position (cross-entropy + z_loss * logsumexp^2) (B, S) float32 of the logits / temperature,
+  logits one chunk at a time."""
   b, s, d = h_bsd.shape
   n = _num_chunks(s, chunk)
   # (B, S, D) -> (n, B, S/n, D): chunk j = positions j, j+n, ...
@@ -56,6 +62,8 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
   def one(h, t):
     h = constrain(h, ("batch_replicas", None, None))
     logits = rows_matmul(h, kernel_dv, preferred_element_type=jnp.float32)  # (B, S/n, V)
+    if temperature != 1.0:
+      logits = logits / temperature
     logits = constrain(logits, ("batch_replicas", None, "param_shards"))
     t = constrain(t, ("batch_replicas", None))
     return constrain(token_cross_entropy(logits, t, z_loss, gather), ("batch", "length"))
@@ -107,18 +115,41 @@ def _is_target(logits, targets):
 token_cross_entropy.defvjp(_xent_fwd, _xent_bwd)
 
 
-def loss_sums(model, batch, *, chunk: int, z_loss: float, num_sources: int):
-  """(sum of weighted token losses, per-source sums (num_sources,), per-source token counts)."""
+def token_logprobs(model, batch, *, chunk: int, temperature: float = 1.0):
+  """log p(input_ids[t+1] | ..t) at every position t, (B, S) float32, under softmax(logits / temperature).
+
+  The same chunked computation as the loss (never a whole batch of fp32 logits; differentiable, each
+  chunk's logits recomputed in the backward pass), so it is exactly minus the loss's cross-entropy. The
+  last position has no next token: 0 there. Which positions count is the caller's business (e.g.
+  `next_token_targets(batch)[1]`, or a mask of sampled tokens)."""
   h = model.hidden_states(batch)
-  targets, weights = next_token_targets(batch)
-  losses = chunked_token_losses(h, model.decoder.lm_head_kernel(), targets, chunk=chunk, z_loss=z_loss)
-  weighted = losses * weights
-  src = batch.get("source_ids")
-  if src is None:
-    src = jnp.zeros_like(targets)
-  # A target belongs to the source of the token it predicts.
-  src = jnp.concatenate([src[:, 1:], jnp.full_like(src[:, :1], -1)], axis=1)
+  targets, _ = next_token_targets(batch)
+  out = -chunked_token_losses(h, model.decoder.lm_head_kernel(), targets, chunk=chunk, temperature=temperature)
+  return out.at[:, -1].set(0.0)
+
+
+def source_sums(values_bs, weights_bs, source_ids_bs, num_sources: int):
+  """(sum of weighted values per source (K,), sum of weights per source (K,)); the value at position t
+  belongs to the source of the token it predicts, source_ids[t+1] (-1: none)."""
+  src = jnp.concatenate([source_ids_bs[:, 1:], jnp.full_like(source_ids_bs[:, :1], -1)], axis=1)
   onehot = (src[..., None] == jnp.arange(num_sources)).astype(jnp.float32)  # (B, S, K)
-  per_source = jnp.einsum("bs,bsk->k", weighted, onehot)
-  per_source_count = jnp.einsum("bs,bsk->k", weights, onehot)
-  return weighted.sum(), per_source, per_source_count
+  return jnp.einsum("bs,bsk->k", values_bs * weights_bs, onehot), jnp.einsum("bs,bsk->k", weights_bs, onehot)
+
+
+def cross_entropy_loss(*, chunk: int, z_loss: float = 0.0, num_sources: int = 1):
+  """The default training loss: loss_fn(model, batch) -> (sum of weighted token losses, target tokens,
+  metrics {"source_loss_sum" (K,), "source_tokens" (K,), "loss_tokens"}), for `train.step.make_step`."""
+
+  def loss_fn(model, batch):
+    h = model.hidden_states(batch)
+    targets, weights = next_token_targets(batch)
+    losses = chunked_token_losses(h, model.decoder.lm_head_kernel(), targets, chunk=chunk, z_loss=z_loss)
+    src = batch.get("source_ids")
+    if src is None:
+      src = jnp.zeros_like(targets)
+    per_source, per_source_count = source_sums(losses, weights, src, num_sources)
+    count = weights.sum()
+    return (losses * weights).sum(), count, dict(source_loss_sum=per_source, source_tokens=per_source_count,
+                                                 loss_tokens=count)
+
+  return loss_fn
