@@ -1,0 +1,77 @@
+"""The first ratio is exactly 1: the log-probs the sampler returns for its tokens (the old policy) and the
+trainer's log-probs of the same tokens in packed RL rows agree to fp32 precision, for a prompt with an
+image and one with a video (slow/fast frames), through the RL prompt stream's decoder and the loop's
+rollout adapter (parameters handed over in place)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from keye_jax.config import KeyeConfig
+from keye_jax.model import KeyeVL
+from keye_jax.processing import build_demo_tokenizer
+from tests.model.hf_reference import tiny_text_config, tiny_vision_config
+from train.data.decode import token_ids
+from train.data.sources import ManifestSource
+from train.model_state import ModelShape
+from train.rl.batch import Response, pack_responses
+from train.rl.config import RLConfig
+from train.rl.prompts import PromptDecoder
+from train.rl.rollouts import Rollouts, to_prompt
+from train.rl.update import aligned_logprobs, rl_loss_fn
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  from train.data.demo import write_demo_dataset
+  root = tmp_path_factory.mktemp("rl_demo")
+  tok = build_demo_tokenizer(str(root / "tok"))
+  write_demo_dataset(str(root / "data"), seed=2, with_tfds=False, scale=0.05)
+  sp = tok.special
+  cfg = KeyeConfig(text=tiny_text_config(vocab_size=tok.vocab_size), vision=tiny_vision_config(),
+                   attention_impl="xla", image_token_id=sp.image_pad, video_token_id=sp.video_pad,
+                   vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
+                   bos_token_id=sp.endoftext, eos_token_id=sp.im_end)
+  return root, tok, cfg
+
+
+def _prompt(root, tok, manifest):
+  src = ManifestSource(str(root / "data" / manifest))
+  p = PromptDecoder(tok, 0)(src[0])
+  assert "_bad" not in p and "_skip" not in p, p
+  return p
+
+
+def test_sampler_and_trainer_logprobs_agree_so_the_first_ratio_is_one(setup):
+  root, tok, cfg = setup
+  prompts = [_prompt(root, tok, "train_reasoning.jsonl"), _prompt(root, tok, "train_video.jsonl")]
+  assert prompts[0]["pixel_values"] is not None and prompts[1]["pixel_values"] is not None
+  assert len(prompts[1]["grids_hw"]) > 1  # video frames
+  shape = ModelShape.of(cfg)
+  params = shape.flatten(KeyeVL(cfg, rngs=nnx.Rngs(3)))
+  rl = RLConfig(max_new_tokens=12, temperature=1.0, group_size=2, minibatches=1)
+  rollouts = Rollouts(shape, tok, None, rl)
+  rollouts.set_weights(params)
+  groups = rollouts.sample([to_prompt(p) for p in prompts], [11, 12], 2)
+  responses = [Response(p["input_ids"], p["position_ids"], p["pixel_values"], p["grids_hw"],
+                        np.asarray(x.tokens, np.int32), np.asarray(x.logprobs, np.float32), 1.0 if k else -1.0)
+               for p, grp in zip(prompts, groups) for k, x in enumerate(grp)]
+  assert all(len(r.tokens) > 0 for r in responses)
+  n_patch = sum(len(p["pixel_values"]) for p in prompts) * 2
+  seq = sum(len(r.prompt_ids) + len(r.tokens) for r in responses)
+  batch = pack_responses(responses, seq_len=seq + 8, num_patches=-(-n_patch // 4) * 4 + 4, rows=2,
+                         ids=token_ids(tok))
+  jb = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  lp = np.asarray(jax.jit(lambda prm, b: aligned_logprobs(shape.build(prm), b, chunk=64))(params, jb))
+  mask = batch["loss_mask"]
+  assert mask.sum() == sum(len(r.tokens) for r in responses)
+  diff = np.abs(lp[mask] - batch["old_logprobs"][mask])
+  assert diff.max() <= 1e-5, diff.max()
+  # ... so the GSPO ratio of every response is 1 and nothing is clipped
+  total, n, m = jax.jit(lambda prm, b: rl_loss_fn(rl, chunk=64)(shape.build(prm), b))(params, jb)
+  assert float(n) == 4
+  np.testing.assert_allclose(float(m["ratio_sum"]) / 4, 1.0, atol=1e-5)
+  assert float(m["clip_sum"]) == 0.0
