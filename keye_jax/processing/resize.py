@@ -6,9 +6,12 @@ with a triangle filter stretched by the scale factor; the float64 weights of an 
 normalised, turned into int16 at the largest precision that keeps the biggest weight under 2^14, and every
 output is `clip((sum(w_int * pixel) + 2^(p-1)) >> p, 0, 255)` stored as uint8 between the passes.
 
-Here each pass is a handful of small matrix products: outputs are grouped in blocks of `_BLOCK`, and each
-block multiplies only the input columns its filters touch. All products and sums are integers, exact in
-float32 while they stay under 2^24 and in float64 otherwise, so the BLAS result equals torch's integer one.
+Here each pass is a handful of small matrix products: outputs are grouped in blocks, and each block multiplies
+only the input columns its filters touch. All products and sums are integers, exact in float32 while they
+stay under 2^24 and in float64 otherwise, so the BLAS result equals torch's integer one (in any order).
+When both axes change, each pass contracts the contiguous last axis and writes its result transposed,
+`weights (block, taps) @ x[:, taps].T`: every product then has a long inner dimension (BLAS near its peak,
+no strided writes), and the two transpositions leave the result channels-last, (h, w, C), with no copy.
 The products are too small to gain from BLAS threads, and threads spinning on a busy machine cost 100x, so
 they run with one BLAS thread (parallelism belongs at the frame level).
 """
@@ -21,7 +24,8 @@ import math
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-_BLOCK = 16
+_BLOCK = 16                # outputs per product, (rows, taps) @ (taps, block) form
+_BLOCK_T = 8               # outputs per product, (block, taps) @ (taps, rows) form
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,7 +59,7 @@ def aa_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 @functools.lru_cache(maxsize=64)
-def _band_plan(n_in: int, n_out: int):
+def _band_plan(n_in: int, n_out: int, block: int = _BLOCK):
   """Blocks (out_start, out_end, in_start, in_end, weights (out, in), their transpose), the dtype, and
   whether an output can exceed 255 (else the clip is skipped).
 
@@ -69,8 +73,8 @@ def _band_plan(n_in: int, n_out: int):
   saturates = (largest >> precision) > 255
   scale = 2.0 ** -precision
   blocks = []
-  for s in range(0, n_out, _BLOCK):
-    e = min(s + _BLOCK, n_out)
+  for s in range(0, n_out, block):
+    e = min(s + block, n_out)
     lo = int(first[s:e].min())
     hi = int((first[s:e] + count[s:e]).max())
     m = np.zeros((e - s, hi - lo), dtype)
@@ -111,6 +115,27 @@ def _resize_height(x: np.ndarray, n_out: int, floor: bool) -> np.ndarray:
   return _round(out, saturates, floor)
 
 
+def _resize_last_transposed(x: np.ndarray, n_out: int, floor: bool) -> np.ndarray:
+  """(R, n) -> (n_out, R) floats: the last axis resized, the result written transposed."""
+  blocks, dtype, saturates = _band_plan(x.shape[1], n_out, _BLOCK_T)
+  x = x.astype(dtype, copy=False)
+  out = np.empty((n_out, x.shape[0]), dtype)
+  for s, e, lo, hi, m, _ in blocks:
+    np.matmul(m, x[:, lo:hi].T, out=out[s:e])
+  return _round(out, saturates, floor)
+
+
+def resize_channels_last(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+  """(C, H, W) uint8 planes -> (height, width, C) uint8: torch's antialiased bilinear resize, channels last."""
+  c, h, w = planes.shape
+  if h == height or w == width:
+    return np.moveaxis(resize_planes(planes, height, width), 0, -1)
+  with _blas().limit(limits=1, user_api="blas"):
+    x = _resize_last_transposed(planes.reshape(c * h, w), width, floor=True)     # (width, C*H)
+    x = _resize_last_transposed(x.reshape(width * c, h), height, floor=False)    # (height, width*C)
+  return x.astype(np.uint8).reshape(height, width, c)
+
+
 def resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
   """(..., H, W) uint8 planes -> (..., height, width) uint8, equal to torch's antialiased bilinear resize."""
   planes = np.asarray(planes)
@@ -120,6 +145,9 @@ def resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
   if (h, w) == (height, width):
     return planes.copy()
   x = planes.reshape(-1, h, w)
+  if h != height and w != width:
+    return np.ascontiguousarray(np.moveaxis(resize_channels_last(x, height, width), -1, 0)).reshape(
+        *lead, height, width)
   with _blas().limit(limits=1, user_api="blas"):
     if w != width:                      # floored only when the height pass follows
       x = _resize_width(x.reshape(-1, w), width, floor=h != height).reshape(-1, h, width)

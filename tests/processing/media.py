@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 
@@ -96,4 +97,42 @@ def write_video(path: str, frames, fps: int = 10, codec: str = "libx264") -> str
         c.mux(p)
     for p in s.encode():
       c.mux(p)
+  return path
+
+
+def write_clip(path: str, kind: str, seconds: float = 20, fps: int = 30, h: int = 720, w: int = 1280,
+               seed: int = 0, preset: str = "fast") -> str:
+  """A panning H.264 clip (yuv420p, B-frames as real encodes have), cut to a new scene every 3 s.
+
+  kind "heavy": blocks of 16 with fresh noise on every frame, encoded at crf 18: a high bitrate (~25 Mbit/s at 720p), the decoder
+  does most of the work. kind "cheap": flat blocks of 64, no noise, crf 23: cheap to decode, so everything
+  done besides decoding shows. Written to `path` (kept when it already exists).
+  """
+  if os.path.exists(path):
+    return path
+  if kind not in ("heavy", "cheap"):
+    raise ValueError(kind)
+  heavy = kind == "heavy"
+  rng = np.random.default_rng(seed)
+  block, crf, noise = (16, 18, 8) if heavy else (64, 23, 0)
+  per_scene = max(1, int(3 * fps))
+  step = 4 * max(1, w // 320)                            # pixels panned per frame
+  pan_w = w + step * per_scene
+  scenes = [(_gray if k % 2 else _vivid)(rng, h, pan_w, block=block) for k in range(4)]
+  tmp = path + ".part"
+  with av.open(tmp, "w", format="mp4") as c:
+    s = c.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    s.options = {"preset": preset, "crf": str(crf)}
+    for i in range(int(seconds * fps)):
+      base = scenes[(i // per_scene) % len(scenes)]
+      x = (i % per_scene) * step
+      f = base[:, x:x + w]
+      if noise:
+        f = np.clip(f.astype(np.int16) + rng.integers(-noise, noise + 1, (h, w, 1), dtype=np.int16), 0, 255)
+      for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f, np.uint8), format="rgb24")):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+  os.replace(tmp, path)
   return path
