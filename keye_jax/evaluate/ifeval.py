@@ -79,6 +79,8 @@ def _lm_eval_ifeval():
     package.__path__ = list(spec.submodule_search_locations)
     package.__package__ = "lm_eval.tasks"
     sys.modules["lm_eval.tasks"] = package
+  from langdetect import DetectorFactory
+  DetectorFactory.seed = 0  # langdetect samples at random; lm-eval leaves it unseeded (scores would wobble)
   from lm_eval.tasks.ifeval import utils
   return utils
 
