@@ -35,8 +35,17 @@ def test_score_answer(response, reference, kind, options, expected):
 
 
 def test_tolerance_is_configurable():
-  assert score_answer("answer: 100.5", "100", kind="number") == 1.0
+  assert score_answer("answer: 100.5", "100", kind="number") == 0.0  # the evaluation's rule: two decimals
+  assert score_answer("answer: 100.5", "100", kind="number", rel_tol=1e-2) == 1.0
   assert score_answer("answer: 100.5", "100", kind="number", rel_tol=1e-3) == 0.0
+  assert score_answer("answer: 100.5", ["7", "100"], kind="number", rel_tol=1e-2) == 1.0
+
+
+def test_math_kind_uses_math_verify():
+  assert score_answer("so the result is $\\boxed{\\frac{1}{2}}$", "0.5", kind="math") == 1.0
+  assert score_answer("\\boxed{x^2 + 2x + 1}", "(x+1)^2", kind="math") == 1.0
+  assert score_answer("\\boxed{x^2 + 1}", "(x+1)^2", kind="math") == 0.0
+  assert score_answer("\\boxed{\\sqrt{2}/2}", "\\frac{1}{\\sqrt{2}}") == 1.0  # auto: LaTeX reference -> math
 
 
 def test_infer_kind():
@@ -44,6 +53,7 @@ def test_infer_kind():
   assert infer_kind("red", ["red", "blue"]) == "choice"
   assert infer_kind("-2.5") == "number"
   assert infer_kind("a red ball") == "text"
+  assert infer_kind("\\frac{1}{2}") == "math"
 
 
 def test_bad_references_are_one_line_errors():

@@ -1,18 +1,20 @@
 """Rule verifiers: is the response's final answer the reference? (1.0 / 0.0)
 
-Built on `keye_jax.evaluate.extract` (the evaluation's own answer extraction: text after the last
-</think>, the last \\boxed{}, "answer is X", option letters, numbers), so that a reward and the benchmark
+Built on the evaluation's own judgement of a reply (`keye_jax.evaluate.scoring.is_correct`, on
+`keye_jax.evaluate.extract`'s answer extraction and math-verify), so that a reward and the benchmark
 score agree on what a response answered.
 
 Kinds:
   "choice"  the option letter (reference: a letter, or one of `options`' texts);
-  "number"  the answer's number within a relative tolerance (default 1%, as the evaluation);
+  "number"  the answer's number: by default the evaluation's rule (MMMU's: equal when rounded to two
+            decimals); with `rel_tol` (and `abs_tol`) equal within that tolerance instead;
   "text"    the normalised reference phrase appears in the final-answer span (the evaluation's rule);
+  "math"    math-verify compares the (boxed) answer with the reference symbolically;
   "exact"   the final-answer span equals the reference, ignoring case, spaces and a final period;
-  "boxed"   a \\boxed{} must be present; its content compared as a number when the reference is one,
-            else as exact text.
-  None      inferred: options given or a one-letter reference -> choice, a numeric reference -> number,
-            otherwise text.
+  "boxed"   a \\boxed{} must be present; its content must equal the reference as math (math-verify,
+            numbers by the number rule) or as exact text.
+  None / "auto"  is_correct's inference: options or a one-letter reference -> choice, LaTeX in the
+            reference or a \\boxed{} in the response -> math, a numeric reference -> number, else text.
 """
 
 from __future__ import annotations
@@ -20,77 +22,51 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from keye_jax.evaluate import extract
+from keye_jax.evaluate import extract, scoring
 from train.rewards.registry import per_item, register
 
-KINDS = ("choice", "number", "text", "exact", "boxed")
+KINDS = ("choice", "number", "text", "math", "exact", "boxed")
 
 
-def infer_kind(reference, options: Sequence[str] | None = None) -> str:
-  """The kind a reference implies when the data does not say."""
-  if options:
-    return "choice"
-  ref = str(reference).strip()
-  if len(ref) == 1 and ref in extract.LETTERS:
-    return "choice"
-  if not isinstance(reference, (list, tuple)) and extract.parse_number(ref) is not None:
-    return "number"
-  return "text"
+def infer_kind(reference, options: Sequence[str] | None = None, response: str = "") -> str:
+  """The kind a reference implies when the data does not say (is_correct's "auto")."""
+  return scoring.infer_kind(reference, response, options)
 
 
 def _squash(s: str) -> str:
   return re.sub(r"\s+", " ", s).strip().rstrip(".").strip().casefold()
 
 
-def _choice_letter(reference, options):
-  ref = str(reference).strip()
-  if len(ref) == 1 and ref.upper() in extract.LETTERS:
-    return ref.upper()
-  for i, opt in enumerate(options or []):
-    if _squash(str(opt)) == _squash(ref):
-      return extract.LETTERS[i]
-  m = re.fullmatch(r"\(?([A-Z])\)?[.:]?(?:\s.*)?", ref)  # "(B)", "B. red"
-  if m:
-    return m.group(1)
-  raise ValueError(f"choice reference {reference!r} is neither a letter nor one of the options")
-
-
 def score_answer(response_text: str, reference, *, kind: str | None = None,
-                 options: Sequence[str] | None = None, rel_tol: float = 1e-2,
-                 abs_tol: float = 1e-6) -> float:
+                 options: Sequence[str] | None = None, rel_tol: float | None = None,
+                 abs_tol: float = 0.0) -> float:
   """1.0 if `response_text` answers `reference` (see the module doc for `kind`), else 0.0.
   `reference` may be a list of accepted answers."""
-  if isinstance(reference, (list, tuple)) and kind != "choice":
-    return float(any(score_answer(response_text, r, kind=kind, options=options, rel_tol=rel_tol,
-                                  abs_tol=abs_tol) for r in reference))
-  kind = kind or infer_kind(reference, options)
-  if kind == "choice":
-    refs = reference if isinstance(reference, (list, tuple)) else [reference]
-    letters = {_choice_letter(r, options) for r in refs}
-    pred = extract.extract_choice(response_text, list(options) if options else None)
-    return float(pred in letters)
-  if kind == "number":
-    gold = extract.parse_number(str(reference))
-    if gold is None:
-      raise ValueError(f"number reference {reference!r} is not a number")
-    return float(extract.numbers_match(extract.extract_number(response_text), gold, rel_tol, abs_tol))
-  if kind == "text":
-    return float(extract.match_open(response_text, reference))
+  kind = None if kind == "auto" else kind
+  if kind is not None and kind not in KINDS:
+    raise ValueError(f"unknown answer kind {kind!r} (known: {', '.join(KINDS)})")
+  refs = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+  if kind == "number" and rel_tol is not None:
+    pred = extract.extract_number(response_text)
+    golds = [extract.parse_number(str(r)) for r in refs]
+    if None in golds:
+      raise ValueError(f"number reference {refs[golds.index(None)]!r} is not a number")
+    return float(any(extract.numbers_match(pred, g, rel_tol, abs_tol) for g in golds))
   if kind == "exact":
-    return float(_squash(extract.final_answer(response_text)) == _squash(str(reference)))
+    got = _squash(extract.final_answer(response_text))
+    return float(any(got == _squash(str(r)) for r in refs))
   if kind == "boxed":
     boxed = extract.last_boxed(extract.after_thinking(response_text))
     if boxed is None:
       return 0.0
-    gold = extract.parse_number(str(reference))
-    if gold is not None:
-      return float(extract.numbers_match(extract.parse_number(boxed), gold, rel_tol, abs_tol))
-    return float(_squash(extract.final_answer(f"\\boxed{{{boxed}}}")) == _squash(str(reference)))
-  raise ValueError(f"unknown answer kind {kind!r} (known: {', '.join(KINDS)})")
+    only_box = f"\\boxed{{{boxed}}}"
+    return float(any(_squash(extract.final_answer(only_box)) == _squash(str(r)) for r in refs)
+                 or scoring.is_correct(only_box, refs, "math"))
+  return float(scoring.is_correct(response_text, reference, kind or "auto", options))
 
 
 @register("answer")
-def answer_reward(kind: str | None = None, rel_tol: float = 1e-2, abs_tol: float = 1e-6,
+def answer_reward(kind: str | None = None, rel_tol: float | None = None, abs_tol: float = 0.0,
                   answer_key: str = "answer", kind_key: str = "answer_kind"):
   """Correctness of the final answer against `sample[answer_key]`; the kind from the config, else the
   sample's `kind_key` field, else inferred. A sample without a reference is an error."""
