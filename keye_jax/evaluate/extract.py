@@ -10,7 +10,11 @@ Order of trust for an option letter:
   5. "option X" / "choice X" / "Best option: (X" phrases (the last one); a bracketed "(X)";
   6. the option texts mentioned, the last mention winning; a lone capital letter.
 So "The answer is (B), since option D contradicts..." is B: what the reply states as its answer outranks
-an option it merely discusses.
+an option it merely discusses. The references differ on purpose: lmms-eval 0.7.3's MMMU parser
+(parse_multi_choice_response, as MMMU's own) takes the LAST bracketed or lone letter, so D there, and picks
+a random letter when it finds none; VLMEvalKit's can_infer_option gives up when two letters appear (then
+asks an LLM judge, or scores it wrong without one), and rejects any reply of more than three words that
+contains "A" ("A is correct, B is not." -> nothing).
 
 Numbers: the stated answer (boxed, "answer is", else the tail after the last "is" / "=" / "so" ... of the
 last sentence that has one), its FIRST number, read with "x 10^k" / "e-k" exponents and with units
