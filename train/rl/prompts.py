@@ -166,6 +166,9 @@ def split_record(record: dict, where: str) -> tuple[list[dict], dict]:
   return messages, meta
 
 
+MAX_SKIPPED_IN_A_ROW = 10000
+
+
 class PromptStream(grain.DatasetIterator):
   """Yields decoded prompts of this process, skipping bad and filtered ones (counted in `stats`)."""
 
@@ -178,8 +181,14 @@ class PromptStream(grain.DatasetIterator):
     self._stats = {"prompts": 0, "bad": {}, "skipped": {}}
 
   def __next__(self) -> dict:
+    run = 0  # prompts skipped in a row
     while True:
       item = next(self._parent)
+      run += 1
+      if run > MAX_SKIPPED_IN_A_ROW:
+        raise ValueError(f"the prompt sources yielded {MAX_SKIPPED_IN_A_ROW} bad or filtered prompts in a row "
+                         f"(skipped: {self._stats['skipped']}, bad: {self._stats['bad']}); check data.sources, "
+                         f"rl.max_prompt_len / rl.max_prompt_patches, rl.categories and rl.pass_rates_from")
       if "_bad" in item:
         self._stats["bad"][item["_bad"]] = self._stats["bad"].get(item["_bad"], 0) + 1
         log.warning("skipping bad prompt %s: %s", item.get("_where"), item.get("_error"))
