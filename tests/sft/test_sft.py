@@ -101,3 +101,42 @@ def test_sft_configs_load(name):
   from train.config import load_train_config
   cfg = load_train_config(os.path.join(REPO, name))
   assert cfg.data.sources and cfg.init_from and cfg.steps > 0
+
+
+@pytest.mark.slow  # two tiny SFT runs through `keye train`, then `keye merge` of their run dirs: ~1-2 min
+def test_merge_of_sft_run_dirs(tmp_path, tokenizer):
+  """Domain experts: SFT runs on different mixtures merged by `keye merge RUN_DIR RUN_DIR` (run dirs are
+  checkpoint arguments: their latest checkpoint)."""
+  import subprocess
+  import sys
+  from tests.train.helpers import TEXT_MODEL, env, write_config
+  tok_dir = tmp_path / "tok"
+  from keye_jax.processing import build_demo_tokenizer
+  build_demo_tokenizer(str(tok_dir))
+  model = {**TEXT_MODEL, "text": {**TEXT_MODEL["text"], "vocab_size": 1024}}
+  runs = []
+  for i, topic in enumerate(("sum", "colour")):
+    manifest = tmp_path / f"{topic}.jsonl"
+    with open(manifest, "w") as f:
+      for j in range(8):
+        q = f"What is {j} + {i}? /think" if topic == "sum" else f"Colour number {j}? /no_think"
+        a = f"<think>\n{j} plus {i}\n</think>\n\n{i + j}" if topic == "sum" else ["red", "blue"][j % 2]
+        f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    cfg = write_config(tmp_path / f"sft{i}.yaml", tmp_path / f"sft{i}", model=model, steps=2,
+                       tokenizer=str(tok_dir), data={"sources": [{"path": str(manifest), "name": topic}],
+                                                     "seq_len": 128, "num_patches": 32, "batch_size": 2})
+    p = subprocess.run([sys.executable, "-m", "keye_jax", "train", cfg], env=env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs.append(str(tmp_path / f"sft{i}"))
+  out = tmp_path / "merged"
+  p = subprocess.run([sys.executable, "-m", "keye_jax", "merge", *runs, "--weights", "0.5", "0.5", "--out", str(out)],
+                     env=env(), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert json.loads(p.stdout.strip().splitlines()[-1])["out"] == str(out)
+  code = (f"import json, numpy as np\nfrom train.merge import load_canonical\n"
+          f"_, a = load_canonical({runs[0]!r}); _, b = load_canonical({runs[1]!r}); _, m = load_canonical({str(out)!r})\n"
+          "print(json.dumps(max(float(np.abs(m[k] - (a[k] + b[k]) / 2).max()) for k in m)))\n")
+  p = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert json.loads(p.stdout.strip().splitlines()[-1]) < 1e-6
