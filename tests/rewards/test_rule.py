@@ -87,3 +87,9 @@ def test_registry_errors():
     registry.combine([{"name": "answer"}, {"name": "answer"}])
   with pytest.raises(ValueError, match="no 'answer' field"):
     registry.build("answer")([{"id": "q"}], ["B"])
+
+
+def test_every_reward_is_registered():
+  assert set(registry.names()) == {"answer", "think_format", "answer_present", "length_penalty", "json_format",
+                                   "markdown_format", "code_block", "command", "ifeval", "judge", "pairwise",
+                                   "grounded"}
