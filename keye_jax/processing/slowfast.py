@@ -14,6 +14,8 @@ float32, so a patch whose cosine is within ~1e-6 of 0.7 could in principle be ju
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from keye_jax.processing.hsv import rgb_to_hsv
@@ -104,6 +106,48 @@ class Classifier:
       else:
         self.pos = end
         self.run = min(2 * self.run, 16)
+
+
+class FrameTyper:
+  """Frame types of `n` frames of one size, worked out while the frames arrive, in any order, from any
+  number of threads: `add(k, frame)` computes frame k's features on the calling thread and then classifies
+  as far as the frames so far allow (one thread at a time, the others go back to their work); `types()`
+  once every frame is added.
+  """
+
+  def __init__(self, n: int, height: int, width: int, threshold: float = MIN_FRAME_SIMILARITY):
+    h, w = classification_size(height, width)
+    self.hsv = np.empty((n, 3, h, w), np.uint8)
+    self.sq_norms = np.empty((n, h // PATCH, w // PATCH))
+    self._ready = np.zeros(n + 1, bool)             # a False sentinel at n
+    self._prefix = 0                                # frames [0, prefix) have their features
+    self._classifier = Classifier(self.hsv, self.sq_norms, threshold)
+    self._state = threading.Lock()
+    self._classifying = threading.Lock()
+
+  def add(self, k: int, frame: np.ndarray) -> None:
+    """Frame k, (3, H, W) uint8 RGB."""
+    frame_features(frame[None], out=(self.hsv[k:k + 1], self.sq_norms[k:k + 1]))
+    with self._state:
+      self._ready[k] = True
+      while self._ready[self._prefix]:
+        self._prefix += 1
+    while self._classifying.acquire(blocking=False):
+      try:
+        done = self._prefix
+        self._classifier.advance(done)
+      finally:
+        self._classifying.release()
+      if self._prefix == done:                      # nothing new arrived meanwhile
+        return
+
+  def types(self) -> np.ndarray:
+    """(n,) int32, 0 = slow, 1 = fast; every frame must have been added."""
+    if self._prefix < len(self.hsv):
+      raise RuntimeError(f"frame {self._prefix} was never added")
+    with self._classifying:
+      self._classifier.advance(len(self.hsv), final=True)
+    return self._classifier.types
 
 
 def classify(hsv: np.ndarray, sq_norms: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY) -> np.ndarray:

@@ -5,7 +5,8 @@
 2. The caller picks frame indices (in presentation order).
 3. `read_frames` decodes once from the nearest key frame before the first wanted frame, asks the decoder to
    skip non-reference frames it will not return (they are needed by nobody), converts only wanted frames
-   to planar RGB, and hands them out in batches so per-frame work can run while decoding goes on.
+   to planar RGB straight into the output array, and hands each one out as soon as it is there, so
+   per-frame work runs on other threads while decoding goes on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Iterator
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from keye_jax.processing.errors import MediaError
 
@@ -91,60 +93,53 @@ def probe(source) -> VideoInfo:
   return VideoInfo(pts=pts, time_base=Fraction(time_base), fps=fps, height=height, width=width)
 
 
-def _planes(frame: av.VideoFrame) -> np.ndarray:
-  """A decoded frame -> (3, H, W) uint8 RGB planes (swscale's planar GBR, same pixels as rgb24)."""
-  g = frame.reformat(format="gbrp")
-  out = np.empty((3, g.height, g.width), np.uint8)
+def _copy_planes(g: av.VideoFrame, out: np.ndarray) -> None:
+  """A gbrp frame -> `out` (3, H, W) uint8 RGB planes (swscale's planar GBR, same pixels as rgb24)."""
   for channel, plane in zip((1, 2, 0), g.planes):      # gbrp stores G, B, R
     out[channel] = np.frombuffer(plane, np.uint8).reshape(g.height, plane.line_size)[:, :g.width]
-  return out
 
 
-def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray, batch: int = 8,
-                on_batch: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray,
+                on_frame: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
   """Decode the frames with presentation timestamps `wanted_pts` (sorted, may repeat) -> (m, 3, H, W) uint8.
 
-  `on_batch(start, frames)` is called on every `batch` consecutive finished frames as soon as they exist.
-  A wanted frame the decoder cannot produce is replaced by the nearest earlier decoded frame; none at all
-  is a MediaError.
+  `on_frame(k, frames[k])` is called once for every k in range(m) as soon as frames[k] is final (in decoding order,
+  from the decoding thread). A wanted frame the decoder cannot produce is replaced by the nearest earlier
+  decoded frame; none at all is a MediaError.
   """
   wanted_pts = np.asarray(wanted_pts, np.int64)
   unique = np.unique(wanted_pts)
-  slot = {int(p): i for i, p in enumerate(unique)}
   frames = np.empty((len(wanted_pts), 3, info.height, info.width), np.uint8)
   got = np.zeros(len(unique), bool)
   out_of = np.searchsorted(unique, wanted_pts)         # wanted index -> unique index
-  done = 0                                             # wanted frames handed to on_batch so far
+  users = [np.flatnonzero(out_of == u) for u in range(len(unique))]
 
-  def emit(final: bool):
-    nonlocal done
-    ready = len(wanted_pts) if final else int(np.argmin(np.append(got[out_of], False)))
-    while on_batch and (ready - done >= batch or (final and ready > done)):
-      end = min(done + batch, ready)
-      on_batch(done, frames[done:end])
-      done = end
-
-  for frame_pts, planes in _decode(source, info, unique):
-    if planes.shape != frames.shape[1:]:
-      raise MediaError(source, f"frame size changes inside the video: {planes.shape[1:]} after "
+  for u, g in _decode(source, info, unique):
+    if (g.height, g.width) != frames.shape[2:]:
+      raise MediaError(source, f"frame size changes inside the video: {(g.height, g.width)} after "
                                f"{frames.shape[2:]}")
-    u = slot[frame_pts]
     got[u] = True
-    for k in np.flatnonzero(out_of == u):
-      frames[k] = planes
-    emit(False)
+    first = users[u][0]
+    _copy_planes(g, frames[first])
+    for k in users[u][1:]:
+      frames[k] = frames[first]
+    if on_frame:
+      for k in users[u]:
+        on_frame(int(k), frames[k])
   if not got.any():
     raise MediaError(source, "zero decodable frames")
   for u in np.flatnonzero(~got):                       # undecodable: nearest earlier (else later) frame
     src = np.flatnonzero(got[:u])
     src = src[-1] if len(src) else np.flatnonzero(got)[0]
-    frames[out_of == u] = frames[np.flatnonzero(out_of == src)[0]]
-  emit(True)
+    frames[users[u]] = frames[users[src][0]]
+    if on_frame:
+      for k in users[u]:
+        on_frame(int(k), frames[k])
   return frames
 
 
-def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-  """(pts, planes) of the wanted frames in presentation order."""
+def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, av.VideoFrame]]:
+  """(index into `unique`, gbrp frame) of the wanted frames in presentation order."""
   container = _open(source)
   try:
     stream = container.streams.video[0]
@@ -152,7 +147,10 @@ def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, 
     ctx = stream.codec_context
     if unique[0] > info.pts[0]:
       container.seek(int(unique[0]), stream=stream, backward=True, any_frame=False)
-    want = set(int(p) for p in unique)
+    want = {int(p): u for u, p in enumerate(unique)}
+    # One colour converter for all frames (a frame's own would set up swscale again for every frame), on
+    # the calling thread: the decoder's threads and the caller's workers already use the cores.
+    rgb = VideoReformatter()
     for packet in container.demux(stream):
       if packet.pts is not None:
         # Non-reference frames nobody asked for are not decoded at all.
@@ -162,9 +160,9 @@ def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, 
       except av.InvalidDataError:                      # a damaged packet: its frame is replaced later
         continue
       for frame in decoded:
-        if frame.pts in want:
-          yield int(frame.pts), _planes(frame)
-          want.discard(frame.pts)
+        u = want.pop(frame.pts, None)
+        if u is not None:
+          yield u, rgb.reformat(frame, format="gbrp", threads=1)
       if not want:
         break
   except av.FFmpegError as e:

@@ -13,9 +13,7 @@ import base64
 import collections
 import concurrent.futures
 import io
-import itertools
 import os
-import threading
 
 import numpy as np
 from PIL import Image
@@ -124,30 +122,17 @@ def _video_from_file(ele: dict):
   idx = sample_indices(len(pts), nframes)
   timestamps = (times[idx] - times[0]).astype(np.float32)
 
-  # Classification features, and the classification itself as far as it can go, are worked out on a worker
-  # thread while the decoder goes on.
-  n = len(idx)
-  ch, cw = slowfast.classification_size(info.height, info.width)
-  hsv = np.empty((n, 3, ch, cw), np.uint8)
-  sq = np.empty((n, ch // slowfast.PATCH, cw // slowfast.PATCH), np.float64)
-  classifier = slowfast.Classifier(hsv, sq, ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
-
-  def features(start, batch):
-    end = start + len(batch)
-    slowfast.frame_features(batch, out=(hsv[start:end], sq[start:end]))
-    classifier.advance(end)
-
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:        # one thread: batches in order
+  # Each frame's classification features are worked out on a worker thread as soon as it is decoded, and
+  # the classification itself goes as far as the frames so far allow, while the decoder goes on.
+  typer = slowfast.FrameTyper(len(idx), info.height, info.width,
+                              ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
+  with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
     pending = []
-
-    def on_batch(start, batch):
-      pending.append(pool.submit(features, start, batch))
-    frames = video_reader.read_frames(source, info, pts[idx], on_batch=on_batch)
+    frames = video_reader.read_frames(source, info, pts[idx],
+                                      on_frame=lambda k, frame: pending.append(pool.submit(typer.add, k, frame)))
     for f in pending:
       f.result()
-  classifier.advance(n, final=True)
-  types = classifier.types
-  return frames, timestamps, types
+  return frames, timestamps, typer.types()
 
 
 def _video_from_list(ele: dict, image_factor: int):
@@ -170,62 +155,36 @@ def _video_from_list(ele: dict, image_factor: int):
     return fetch_image(element, size_factor=image_factor, is_video=True)
 
   # Each frame is loaded and resized (Pillow, without the GIL), split into planes straight into one
-  # preallocated array and gets its classification features while it is still in cache. Worker threads take
-  # frames one at a time, so a thread slowed down by other load holds up at most one frame.
+  # preallocated array and gets its classification features while it is still in cache; the classification
+  # goes as far as the frames so far allow. Worker threads take frames one at a time, so a thread slowed
+  # down by other load holds up at most one frame.
   first = load(0)
   width, height = first.size
   frames = np.empty((len(unique), 3, height, width), np.uint8)
-  ch, cw = slowfast.classification_size(height, width)
-  hsv = np.empty((len(unique), 3, ch, cw), np.uint8)
-  sq = np.empty((len(unique), ch // slowfast.PATCH, cw // slowfast.PATCH), np.float64)
+  threshold = ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY)
+  typer = slowfast.FrameTyper(len(unique), height, width, threshold)
 
   def finish(k, image):
     if image.size != (width, height):
       raise MediaError("<frame list>", f"frames resize to different sizes {(width, height)} and {image.size}")
     for c, band in enumerate(image.split()):
       frames[k, c] = np.asarray(band)
-    slowfast.frame_features(frames[k:k + 1], out=(hsv[k:k + 1], sq[k:k + 1]))
+    typer.add(k, frames[k])
 
-  todo = itertools.count(1)
-  ready = [threading.Event() for _ in range(len(unique))]
-  failed = []
-
-  def work():
-    try:
-      for k in todo:                                 # next() on a count is atomic under the GIL
-        if k >= len(unique):
-          return
-        finish(k, load(k))
-        ready[k].set()
-    except BaseException:
-      failed.append(True)
-      for e in ready:                                # wake the main thread, which then raises
-        e.set()
-      raise
-
-  # The main thread classifies frames in order as they get ready (the classification is sequential).
-  threshold = ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY)
-  in_order = len(unique) == len(idx)
-  classifier = slowfast.Classifier(hsv, sq, threshold) if in_order else None
   with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
-    running = [pool.submit(work) for _ in range(min(_workers(), len(unique) - 1))]
-    finish(0, first)
-    if classifier is not None:
-      for k in range(1, len(unique)):
-        ready[k].wait()
-        if failed:
-          break
-        classifier.advance(k + 1)
-    for r in running:
-      r.result()
-  if in_order:
-    classifier.advance(len(idx), final=True)
-    types = classifier.types
-  else:                                               # repeated frames (fewer frames than samples)
-    pos = np.searchsorted(unique, idx)
-    frames, hsv, sq = frames[pos], hsv[pos], sq[pos]
-    types = slowfast.classify(hsv, sq, threshold)
-  return frames, timestamps, types
+    running = [pool.submit(lambda k: finish(k, load(k)), k) for k in range(1, len(unique))]
+    try:
+      finish(0, first)
+      for r in running:
+        r.result()
+    except BaseException:
+      for r in running:
+        r.cancel()
+      raise
+  if len(unique) == len(idx):
+    return frames, timestamps, typer.types()
+  pos = np.searchsorted(unique, idx)                  # repeated frames (fewer frames than samples)
+  return frames[pos], timestamps, slowfast.classify(typer.hsv[pos], typer.sq_norms[pos], threshold)
 
 
 def fetch_video(ele: dict, image_factor: int = IMAGE_FACTOR):
