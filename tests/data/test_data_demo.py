@@ -67,6 +67,8 @@ def test_questions_are_four_way_multiple_choice(demo):
     for r in read(os.path.join(demo["path"], f"{split}.jsonl")):
       user, assistant = r["messages"]
       answer = assistant["content"][0]["text"]
+      if r["category"] == "instruction":
+        continue
       if split == "test" or r["category"] not in ("caption",):
         assert r["answer"] in "ABCD" and len(set(r["options"])) == 4, r
         assert answer == r["answer"] or (answer.startswith("<think>") and answer.endswith(r["answer"]))
@@ -131,6 +133,26 @@ def test_demo_decodes_cleanly_with_the_real_preprocessing(demo):
   for i, r in enumerate(records):
     ex = decode(source[i])
     n, p = len(ex["input_ids"]), len(ex["pixel_values"])
-    limit = {"long_video": (1900, 6400), "video_event": (530, 1600), "video_time": (530, 1600)}
+    limit = {"long_video": (1900, 6400), "video_event": (530, 1600), "video_time": (530, 1600),
+             "reasoning": (600, 1600), "instruction": (160, 36)}
     assert n <= limit.get(r["category"], (130, 36))[0] and p <= limit.get(r["category"], (130, 36))[1]
     assert tokenizer.decode(ex["input_ids"][ex["loss_mask"]]).startswith(r["messages"][1]["content"][0]["text"])
+
+
+def test_instruction_replies_obey_their_constraints(demo):
+  """Every instruction record's reply passes lm-eval's IFEval checkers (strict) on its own constraints."""
+  from keye_jax.evaluate import ifeval
+  n = 0
+  for split in ("train", "test"):
+    for r in read(os.path.join(demo["path"], f"{split}_instruction.jsonl")):
+      reply = r["messages"][1]["content"][0]["text"]
+      assert 1 <= len(r["instruction_id_list"]) <= 3
+      assert ifeval.check(reply, r["instruction_id_list"], r["kwargs"])["strict"], r
+      n += 1
+  assert n > 0
+
+
+def test_reasoning_records_carry_solution_and_hints(demo):
+  for r in read(os.path.join(demo["path"], "train_reasoning.jsonl")):
+    assert len(r["hints"]) == 5 and r["hints"][-1] == r["solution"]
+    assert r["messages"][1]["content"][0]["text"] == f"<think>\n{r['solution']}\n</think>\n\n{r['answer']}"

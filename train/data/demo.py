@@ -3,8 +3,8 @@
 `write_demo_dataset(out_dir, seed)` writes, in a few seconds on a CPU:
 
   out_dir/train.jsonl, test.jsonl          manifests; media paths relative to out_dir
-  out_dir/{train,test}_{image,video,reasoning}.jsonl   each split by kind (images and text; videos;
-                                           the reasoning questions, kept apart for SFT and RL)
+  out_dir/{train,test}_{image,video,reasoning,instruction}.jsonl   each split by kind (images and text;
+                                           videos; reasoning and instruction prompts, kept apart for SFT/RL)
   out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos (5-32 frames)
   out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
   out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
@@ -20,6 +20,9 @@ Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x
                    many more of one shape than another, one more added; videos: shapes at the end.
                    Records carry `solution` (the worked answer) and `hints` (five levels, L1 concept ..
                    L5 the solution) for progressive hint sampling
+  instruction      describe the image under 1-3 verifiable constraints (IFEval ids: lowercase, no commas,
+                   end phrase, keyword, fewer than N words, <<title>>, quotation marks); records carry
+                   `instruction_id_list` and `kwargs`, the reply obeys them
   text             text-only multiple choice (which word is a colour / a shape)
 Videos are static between events, so the unchanged frames become fast frames.
 
@@ -33,8 +36,9 @@ text budget the binding one.
 The CPU demo (configs/demo) trains on images first and scores test_image.jsonl: the image questions
 (colour, shape, count, position), the ones a tiny model learns from the pixels within its budget.
 
-Every question is multiple choice with four options A-D (chance 25%) answered by one letter, in train and
-test alike; test records keep `answer` (the letter), `options` and `category` for exact-match scoring.
+Every question but captions and instructions is multiple choice with four options A-D (chance 25%)
+answered by one letter, in train and test alike; test records keep `answer` (the letter), `options` and
+`category` for exact-match scoring; instruction records are scored by IFEval's checkers.
 """
 
 from __future__ import annotations
@@ -62,11 +66,24 @@ DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 # Sampling rate of the files (every frame is read); the reference sizing upscales frames to >= 196x196.
 VIDEO_KEYS = {"fps": float(FPS)}
 VIDEO_CATEGORIES = ("video_event", "video_time", "long_video")
+# Instruction constraints for the `instruction` category: name -> (IFEval instruction id, how it is asked).
+END_PHRASE = "That is all."
+INSTRUCTIONS = {
+    "lowercase": ("change_case:english_lowercase", "Answer in lowercase letters only."),
+    "no_comma": ("punctuation:no_comma", "Do not use any commas."),
+    "end": ("startend:end_checker", "End your answer with the phrase: {end}"),
+    "keyword": ("keywords:existence", "Include the word {word}."),
+    "short": ("length_constraints:number_words", "Answer with less than {limit} words."),
+    "title": ("detectable_format:title", "Start with a title in double angular brackets, like <<shapes>>."),
+    "quote": ("startend:quotation", "Wrap your whole answer in double quotation marks."),
+}
+_CONFLICTS = ({"end", "quote"}, {"end", "lowercase"})
 # Examples per split and category: many image questions (cheap rows, learnable from the pixels).
 TRAIN_COUNTS = {"caption": 1500, "color": 1500, "shape": 1500, "count": 1500, "position": 1500,
-                "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 800, "text": 500}
+                "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 800, "text": 500,
+                "instruction": 600}
 TEST_COUNTS = {"color": 40, "shape": 40, "count": 40, "position": 40, "video_event": 20, "video_time": 20,
-               "long_video": 10, "reasoning": 40}
+               "long_video": 10, "reasoning": 40, "instruction": 40}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,6 +248,36 @@ class _Builder:
     objs = _scene(rng, rng.randint(2, 4))
     return ("image", _draw(objs), *self._reasoning(objs))
 
+  def instruction_record(self):
+    """A caption request with 1-3 verifiable IFEval constraints and a reply that obeys them:
+    (objs, question, answer, instruction_id_list, kwargs)."""
+    rng = self.rng
+    objs = _scene(rng, rng.randint(1, 3))
+    chosen, want = [], rng.randint(1, 3)
+    for name in rng.sample(list(INSTRUCTIONS), len(INSTRUCTIONS)):
+      if len(chosen) < want and not any({name, other} in _CONFLICTS for other in chosen):
+        chosen.append(name)
+    word = rng.choice(("scene", "picture", "image"))
+    parts = [f"a {_name(c, s)} in {_where(p)}" for c, s, p in objs]
+    text = (f"The {word} shows " if "keyword" in chosen else "") + ", ".join(parts) + "."
+    text = text[0].upper() + text[1:]
+    if "no_comma" in chosen:
+      text = text.replace(", ", " and ")
+    if "lowercase" in chosen:
+      text = text.lower()
+    if "title" in chosen:
+      text = "<<shapes>>\n" + text
+    if "end" in chosen:
+      text += " " + END_PHRASE
+    if "quote" in chosen:
+      text = f'"{text}"'
+    limit = len(text.split()) + rng.randint(1, 4)
+    asks = [INSTRUCTIONS[n][1].format(word=word, limit=limit, end=END_PHRASE) for n in chosen]
+    ids = [INSTRUCTIONS[n][0] for n in chosen]
+    kwargs = [{"keywords": [word]} if n == "keyword" else {"relation": "less than", "num_words": limit}
+              if n == "short" else {"end_phrase": END_PHRASE} if n == "end" else {} for n in chosen]
+    return objs, "Describe the image. " + " ".join(asks), text, ids, kwargs
+
   def video_record(self, category: str):
     """(frames, question, answer text, options, letter) for video_event, video_time or long_video."""
     rng = self.rng
@@ -316,6 +363,12 @@ def _records(split: str, counts: dict[str, int], rng: random.Random, media_dir: 
       content = [{"type": kind, kind: rel, **(VIDEO_KEYS if kind == "video" else {})},
                  {"type": "text", "text": question}]
       extra = {"solution": solution, "hints": hints}
+    elif category == "instruction":
+      objs, question, answer, ids, kwargs = b.instruction_record()
+      rel = os.path.relpath(os.path.join(media_dir, f"{rid}.png"), out_dir)
+      media[rel] = _png(_draw(objs))
+      content = [{"type": "image", "image": rel}, {"type": "text", "text": question}]
+      letter, extra = None, {"instruction_id_list": ids, "kwargs": kwargs}
     elif category in VIDEO_CATEGORIES:
       frames, question, answer, options, letter = b.video_record(category)
       rel = os.path.relpath(os.path.join(media_dir, f"{rid}.mp4"), out_dir)
@@ -352,7 +405,7 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
     from array_record.python import array_record_module
     writer = array_record_module.ArrayRecordWriter(
         os.path.join(out_dir, "array_record", f"{split}.array_record"), "group_size:1")
-    by_modality = {"image": [], "video": [], "reasoning": []}
+    by_modality = {"image": [], "video": [], "reasoning": [], "instruction": []}
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as manifest:
       for record, media in _records(split, counts, rng, media_dir, out_dir):
         for rel, data in media.items():
@@ -361,7 +414,7 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
         line = json.dumps(record) + "\n"
         manifest.write(line)
         category = record["category"]
-        by_modality[category if category == "reasoning" else
+        by_modality[category if category in ("reasoning", "instruction") else
                     "video" if category in VIDEO_CATEGORIES else "image"].append(line)
         blob = pack_record(record, out_dir)
         writer.write(blob)
