@@ -196,6 +196,8 @@ def test_demo_benchmark_and_resume(tmp_path):
   n = len(records)
   assert res["n"] == n and sampler.calls == -(-(n - 2) // 2)
   assert res["accuracy"] == pytest.approx(np.mean([i % 2 == 0 for i in range(n)]))
-  assert set(results["categories"]["category"]) == {r["category"] for r in records}
+  from keye_jax.evaluate.demo import CATEGORY
+  assert set(results["categories"]["category"]) == {CATEGORY.get(r["category"], r["category"]) for r in records}
+  assert "video" in results["categories"]["category"]
   assert len(read_predictions(str(out / "predictions.jsonl"))) == n
   assert set(sampler.media) == {"image", "video"}
