@@ -100,8 +100,11 @@ def _records(run_dir):
 def test_kill9_then_resume_gives_the_same_losses_and_rewards(demo):
   steps = 3
   straight, killed = demo / "straight", demo / "killed"
-  a = _proc(_config(demo, straight, hints={"enabled": False}), f"steps={steps}")
-  b = _proc(_config(demo, killed, hints={"enabled": False}), f"steps={steps}")
+  # A reward every response gets a different value of (minus its length), so every step has a signal.
+  rl = {"hints": {"enabled": False}, "rewards": [{"name": "answer"}, {"name": "length_penalty", "max_length": 60,
+                                                                      "buffer": 60, "unit": "chars"}]}
+  a = _proc(_config(demo, straight, **rl), f"steps={steps}")
+  b = _proc(_config(demo, killed, **rl), f"steps={steps}")
   t0 = time.time()
   while 2 not in _records(killed):
     assert b.poll() is None, b.stderr.read()[-3000:]
@@ -111,10 +114,11 @@ def test_kill9_then_resume_gives_the_same_losses_and_rewards(demo):
   b.wait()
   out, err = a.communicate(timeout=1200)
   assert a.returncode == 0, err[-3000:]
-  c = _proc(_config(demo, killed, hints={"enabled": False}), f"steps={steps}")
+  c = _proc(_config(demo, killed, **rl), f"steps={steps}")
   out, err = c.communicate(timeout=1200)
   assert c.returncode == 0, err[-3000:]
   assert json.loads(out.strip().splitlines()[-1])["final_step"] == steps
   want, got = _records(straight), _records(killed)
   assert sorted(got) == list(range(1, steps + 1))
   assert got == want
+  assert all(loss != 0.0 for loss, _, _ in got.values())  # real updates, not empty ones

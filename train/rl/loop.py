@@ -257,7 +257,7 @@ class RLRun:
 def train_rl(cfg: RLRunConfig) -> dict:
   from train.loop import NonFiniteError, _Preemption
   rl = RLRun(cfg)
-  writer = MetricsWriter(rl.run_dir, cfg.steps, rl.primary)
+  writer = MetricsWriter(rl.run_dir, cfg.steps, rl.primary, resume_step=rl.step_num)
   try:
     with _Preemption() as preempt:
       while rl.step_num < cfg.steps:
