@@ -19,7 +19,8 @@ How a rollout runs:
            row finishes while samples are waiting (or after `chunk` steps when stop strings need looking
            at); the host collects the finished rows and refills their slots, and the loop goes on.
 Every jitted function has fixed shapes: slots, the cache length T = (largest prompt bucket) + (largest
-new-token bucket), the prompt and vision-patch buckets. A stream of rollouts compiles each once.
+new-token bucket), the prompt and vision-patch buckets. A stream of rollouts compiles each once: the slot
+state is kept between calls and reused while it is large enough (it only grows).
 
 Reproducibility: sample j of a request with seed s draws its t-th token with
 fold_in(fold_in(key(s), j), t), from logits that depend on its own row only (every cache row is laid out
@@ -51,11 +52,18 @@ from keye_jax.sharding import constrain
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """`n` samples of one prompt. Sample j is seeded by fold_in(key(params.seed), j)."""
+  """`n` samples of one prompt, all with `params` or each with its own (a sequence of n SamplingParams,
+  e.g. per-sample token budgets). Sample j is seeded by fold_in(key(seed), j), seed from its params."""
 
   prompt: Prompt
-  params: SamplingParams = SamplingParams()
+  params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
   n: int = 1
+
+  def sample_params(self, j: int) -> SamplingParams:
+    return self.params if isinstance(self.params, SamplingParams) else self.params[j]
+
+  def all_params(self) -> list[SamplingParams]:
+    return [self.sample_params(j) for j in range(self.n)]
 
 
 @dataclasses.dataclass
@@ -237,16 +245,18 @@ class RolloutEngine:
     """Runs every request's n samples; a request may be a `Request` or a (prompt, params, n) tuple."""
     reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
     for r in reqs:
-      stop = self._stop_ids(r.params)
-      if len(stop) > MAX_STOP_IDS:
-        raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(stop)}")
-      if r.n < 1 or r.params.max_new_tokens < 1:
-        raise ValueError(f"a request needs n >= 1 and max_new_tokens >= 1, got n={r.n}, "
-                         f"max_new_tokens={r.params.max_new_tokens}")
+      if r.n < 1 or (not isinstance(r.params, SamplingParams) and len(r.params) != r.n):
+        raise ValueError(f"a request needs n >= 1 and one SamplingParams or n of them, got n={r.n}")
+      for p in r.all_params():
+        if len(self._stop_ids(p)) > MAX_STOP_IDS:
+          raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(self._stop_ids(p))}")
+        if p.max_new_tokens < 1:
+          raise ValueError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+    every = [p for r in reqs for p in r.all_params()]
     seq_lens = [bucket(len(r.prompt.input_ids), self.length_buckets) for r in reqs]
-    new_len = bucket(max(r.params.max_new_tokens for r in reqs), self.new_token_buckets)
+    new_len = bucket(max(p.max_new_tokens for p in every), self.new_token_buckets)
     cache_len = max(seq_lens) + new_len
-    greedy = all(r.params.temperature <= 0 for r in reqs)
+    greedy = all(p.temperature <= 0 for p in every)
     counts = collections.Counter()
     groups: list[list[Generation | None]] = [[None] * r.n for r in reqs]
     vision_tokens: list = [None] * len(reqs)
@@ -254,13 +264,15 @@ class RolloutEngine:
     left = [r.n for r in reqs]                       # samples of request i not yet in a slot
     prompts: dict[int, tuple] = {}                   # prefilled prompts with samples still waiting
     owner: list[tuple[int, int] | None] = [None] * self.slots
-    watch = any(r.params.stop_strings for r in reqs)
+    watch = any(p.stop_strings for p in every)
 
     with mesh_context(self.mesh):
-      carry = self._carry if self._carry_shape == (cache_len, new_len) else None
+      # The slot state is kept between calls and reused while it is large enough (no recompile).
+      carry, shape = self._carry, self._carry_shape
       self._carry = None
-      if carry is None:
-        carry = self._new_carry(self.state, cache_len=cache_len, new_len=new_len)
+      if carry is None or shape[0] < cache_len or shape[1] < new_len:
+        shape = (max(cache_len, shape[0] if shape else 0), max(new_len, shape[1] if shape else 0))
+        carry = self._new_carry(self.state, cache_len=shape[0], new_len=shape[1])
       steps0, busy0 = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
       while queue or any(o is not None for o in owner):
         for slot in range(self.slots):
@@ -275,7 +287,7 @@ class RolloutEngine:
           left[i] -= 1
           if left[i] == 0:
             del prompts[i]                            # its K/V are no longer needed
-        limit = self.chunk if watch else new_len
+        limit = self.chunk if watch else shape[1]
         carry = self._decode(self.state, carry, jnp.int32(limit), jnp.bool_(bool(queue)), greedy=greedy)
         active, length, stopped = jax.device_get((carry["active"], carry["length"], carry["stopped"]))
         finished = [s for s in range(self.slots) if owner[s] is not None and not active[s]]
@@ -286,12 +298,12 @@ class RolloutEngine:
           tokens, logprobs = jax.device_get((carry["tokens"], carry["logprobs"]))
           for s in finished:
             i, j = owner[s]
-            p = reqs[i].params
+            p = reqs[i].sample_params(j)
             groups[i][j] = finish_generation(self.decode, tokens[s, :length[s]], logprobs[s, :length[s]],
                                              bool(stopped[s]), p.stop_strings, self._stop_ids(p))
             owner[s] = None
       steps, busy = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
-    self._carry, self._carry_shape = carry, (cache_len, new_len)
+    self._carry, self._carry_shape = carry, shape
     return Rollout(groups=groups, vision_encodes=counts["encode"], prefills=counts["prefill"],
                    decode_steps=steps - steps0, busy_slot_steps=busy - busy0, slots=self.slots,
                    trace_counts=dict(self.trace_counts), vision_tokens=vision_tokens)
@@ -323,7 +335,7 @@ class RolloutEngine:
     return {k: jax.device_put(v, NamedSharding(self.mesh, P())) for k, v in batch.items()}
 
   def _sample_knobs(self, req: Request, j: int) -> tuple:
-    p = req.params
+    p = req.sample_params(j)
     stop = list(self._stop_ids(p))
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(p.seed), j))
     return (key, jnp.float32(p.temperature), jnp.int32(p.top_k), jnp.float32(p.top_p),
@@ -337,11 +349,11 @@ class RolloutEngine:
     tokens = None
     hits = []
     for s in range(self.slots):
-      if owner[s] is None or not active[s] or not reqs[owner[s][0]].params.stop_strings:
+      if owner[s] is None or not active[s] or not reqs[owner[s][0]].sample_params(owner[s][1]).stop_strings:
         continue
       if tokens is None:
         tokens = jax.device_get(carry["tokens"])
-      p = reqs[owner[s][0]].params
+      p = reqs[owner[s][0]].sample_params(owner[s][1])
       stop_ids = set(self._stop_ids(p))
       text = self.decode([t for t in tokens[s, :length[s]] if int(t) not in stop_ids])
       if any(x in text for x in p.stop_strings):
