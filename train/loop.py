@@ -21,8 +21,9 @@ from keye_jax.sharding import make_mesh
 from train import distributed
 from train.checkpointing import Checkpointer, check_run_dir, finished_run, write_run_files
 from train.config import TrainConfig
+from train.data.pipeline import GlobalBatchIterator, make_iterator
 from train.metrics import MetricsWriter, flops_per_step, peak_flops_per_device
-from train.model_state import ModelShape, batch_shardings
+from train.model_state import ModelShape
 from train.step import abstract_state, init_state, make_step
 from train.synthetic import SyntheticBatches
 
@@ -38,44 +39,18 @@ def _host(x):
   return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-class _GlobalBatches:
-  """Per-process numpy batches -> global jax.Arrays on the mesh (what make_iterator does given a mesh)."""
-
-  def __init__(self, local, mesh):
-    self.local, self.mesh, self.shardings = local, mesh, None
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = next(self.local)
-    if self.shardings is None:
-      self.shardings = batch_shardings(list(batch), self.mesh)
-    n = jax.process_count()
-    out = {}
-    for k, v in batch.items():
-      shape = list(v.shape)
-      shape[1 if k == "position_ids" else 0] *= n
-      out[k] = jax.make_array_from_process_local_data(self.shardings[k], v, tuple(shape))
-    return out
-
-  def get_state(self):
-    return self.local.get_state()
-
-  def set_state(self, state):
-    self.local.set_state(state)
-
-
 def make_data(cfg: TrainConfig, mesh):
   """(iterator of global batches, source names). No sources configured: synthetic batches."""
   d = cfg.data
+  if cfg.loss == "mpo":  # preference pairs with their reference log-probs (train/mpo.py)
+    from train import mpo
+    return mpo.make_data(cfg, mesh)
   if not d.sources:
     log.warning("data.sources is empty: training on synthetic batches")
     local = SyntheticBatches(cfg.model, seq_len=d.seq_len, num_patches=d.num_patches, batch_size=d.batch_size,
                              seed=d.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    return _GlobalBatches(local, mesh), ["synthetic"]
+    return GlobalBatchIterator(local, mesh), ["synthetic"]
   from keye_jax.processing.tokenizer import load_tokenizer
-  from train.data.pipeline import make_iterator
   tokenizer = load_tokenizer(cfg.tokenizer)
   return make_iterator(d, tokenizer, mesh), [s.display_name for s in d.sources]
 
@@ -150,7 +125,11 @@ def train(cfg: TrainConfig) -> dict:
   data, sources = make_data(cfg, mesh)
   shape = ModelShape.of(cfg.model)
   first = next(data)  # the step needs the batch's keys; this batch is the first one trained on
-  fns = make_step(cfg, shape, mesh, len(sources), list(first))
+  loss_fn = None
+  if cfg.loss == "mpo":
+    from train.mpo import mpo_loss_fn
+    loss_fn = mpo_loss_fn(cfg)
+  fns = make_step(cfg, shape, mesh, len(sources), list(first), loss_fn=loss_fn)
   ckpt = Checkpointer(run_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
   start = ckpt.latest_step()
   if start is not None:

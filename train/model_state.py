@@ -15,11 +15,11 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from keye_jax import batch_layout
 from keye_jax.config import KeyeConfig
 from keye_jax.model import KeyeVL
 from keye_jax.sharding import DEFAULT_RULES, param_specs
 
-BATCH_AXES = ("data", "fsdp")
 # Parameters (and so optimizer state) are sharded over the context axis too: a long-context mesh
 # (context 16 x fsdp 8) then holds 1/128 of them per chip, not 1/8. Activations keep DEFAULT_RULES.
 PARAM_RULES = tuple((name, ("fsdp", "context")) if name == "embed" else (name, axes) for name, axes in DEFAULT_RULES)
@@ -89,9 +89,8 @@ def like_shardings(tree, param_shardings: dict, mesh):
 
 
 def batch_shardings(batch_keys, mesh) -> dict[str, NamedSharding]:
-  """Rows split over the batch axes; position_ids (3, B, S) on its second axis."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1) or None
-  return {k: NamedSharding(mesh, P(None, axes) if k == "position_ids" else P(axes)) for k in batch_keys}
+  """Rows split over the mesh's batch axes (keye_jax.batch_layout)."""
+  return batch_layout.shardings(batch_keys, mesh)
 
 
 def count_params(shapes: dict) -> int:

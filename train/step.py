@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from keye_jax import batch_layout
 from train.config import TrainConfig
 from train.losses.cross_entropy import cross_entropy_loss
 from train.model_state import ModelShape, batch_shardings, init_params, like_shardings
@@ -55,19 +56,6 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
 
 def _nonzero(denom):
   return jnp.where(denom != 0, denom, 1.0)
-
-
-def microbatches(batch: dict, n: int) -> dict:
-  """(B, ...) -> (n, B/n, ...) with microbatch i = rows i, i+n, ...: each microbatch stays spread over
-  the devices the batch is split across. position_ids (3, B, S) -> (n, 3, B/n, S)."""
-  out = {}
-  for k, v in batch.items():
-    if k == "position_ids":
-      three, b, s = v.shape
-      out[k] = v.reshape(three, b // n, n, s).transpose(2, 0, 1, 3)
-    else:
-      out[k] = v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1)
-  return out
 
 
 def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch_keys,
@@ -116,7 +104,7 @@ def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch
         (total, (denom, metrics)), g = jax.value_and_grad(summed_loss, has_aux=True)(trainable, frozen, micro)
         return jax.tree.map(jnp.add, acc_g, g), (total, denom, metrics)
 
-      grads, outs = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable), microbatches(batch, accum))
+      grads, outs = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable), batch_layout.microbatches(batch, accum))
       total, denom, metrics = jax.tree.map(lambda x: x.sum(0), outs)
       inv = 1.0 / _nonzero(denom)
       loss = total * inv

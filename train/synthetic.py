@@ -7,8 +7,10 @@ small image (`<|vision_start|>` + pads + `<|vision_end|>`) with M-RoPE positions
 
 from __future__ import annotations
 
+import grain
 import numpy as np
 
+from keye_jax import batch_layout
 from keye_jax.config import KeyeConfig
 from keye_jax.processing.vision_layout import vision_layout
 
@@ -61,11 +63,14 @@ def synthetic_row(rng, cfg: KeyeConfig, seq_len: int, num_patches: int, patch_di
               source_ids=np.where(seg > 0, 0, -1).astype(np.int32), pixel_values=pixels, **layout)
 
 
-class SyntheticBatches:
-  """Iterator of numpy batches (this process's rows of each global batch); get_state/set_state resume."""
+class SyntheticBatches(grain.DatasetIterator):
+  """Iterator of numpy batches (this process's rows of each global batch); get_state/set_state resume.
+  A Grain iterator, so the pipeline's GlobalBatchIterator assembles its global batches and checkpoints
+  save its state like the pipeline's."""
 
   def __init__(self, cfg: KeyeConfig, *, seq_len: int, num_patches: int, batch_size: int, seed: int = 0,
                process_index: int = 0, process_count: int = 1):
+    super().__init__()
     self.cfg, self.seq_len, self.num_patches, self.seed = cfg, seq_len, num_patches, seed
     rows = batch_size // process_count
     self.rows = slice(process_index * rows, (process_index + 1) * rows)
@@ -82,8 +87,7 @@ class SyntheticBatches:
     self.index += 1
     rows = [synthetic_row(rng, self.cfg, self.seq_len, self.num_patches, self.patch_dim)
             for _ in range(self.batch_size)][self.rows]
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    batch["position_ids"] = np.ascontiguousarray(batch["position_ids"].transpose(1, 0, 2))
+    batch = batch_layout.stack(rows)
     if self.cfg.vision is None:
       batch = {k: v for k, v in batch.items() if k in TEXT_KEYS}
     return batch

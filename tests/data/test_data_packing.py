@@ -168,3 +168,36 @@ def test_truncation_drops_when_no_target_survives():
   first_target = int(np.argmax(ex["loss_mask"]))
   assert fit_example(ex, first_target, 10_000, IDS, "truncate") is None
   assert fit_example(ex, first_target + 1, 10_000, IDS, "truncate") is not None
+
+
+def test_extra_per_token_fields_are_carried_and_truncated():
+  """Fields the packer does not know (RL's advantages and old log-probs, a (n, 2) field) are laid out like
+  input_ids: each example's values on its tokens, 0 on padding and on examples without the field."""
+  rng = np.random.default_rng(5)
+  S, P = 256, 160
+  examples = [make_example(rng) for _ in range(3)]
+  for i, ex in enumerate(examples[:2]):
+    n = len(ex["input_ids"])
+    ex["advantages"] = np.full(n, i + 1.5, np.float32)
+    ex["old_logprobs"] = -rng.random(n).astype(np.float32)
+    ex["pairs"] = rng.integers(0, 9, (n, 2)).astype(np.int16)
+  row = build_row(examples, S, P, IDS)
+  t = 0
+  for ex in examples:
+    n = len(ex["input_ids"])
+    for f in ("advantages", "old_logprobs", "pairs"):
+      want = ex[f] if f in ex else 0
+      np.testing.assert_array_equal(row[f][t:t + n], want + np.zeros_like(row[f][t:t + n]))
+    t += n
+  assert row["advantages"].shape == (S,) and row["advantages"].dtype == np.float32
+  assert row["pairs"].shape == (S, 2) and row["pairs"].dtype == np.int16
+  assert not row["advantages"][t:].any() and not row["pairs"][t:].any()
+  check_row(row, examples, [0, 1, 2], S, P)  # the standard fields as without the extras
+  b = stack_rows([row, build_row(examples[:1], S, P, IDS)])
+  assert b["old_logprobs"].shape == (2, S) and b["pairs"].shape == (2, S, 2)
+  ex = examples[0]
+  cut = fit_example(ex, len(ex["input_ids"]) - 1, P, IDS, "truncate")
+  assert cut is not None
+  for f in ("advantages", "old_logprobs", "pairs", "input_ids", "loss_mask"):
+    np.testing.assert_array_equal(cut[f], ex[f][:len(cut["input_ids"])])
+  np.testing.assert_array_equal(cut["position_ids"], ex["position_ids"][:, :len(cut["input_ids"])])

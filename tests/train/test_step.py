@@ -122,7 +122,7 @@ from keye_jax.config import KeyeConfig, load
 from keye_jax.sharding import make_mesh
 from train.config import TrainConfig
 from train.data.config import DataConfig
-from train.loop import _GlobalBatches
+from train.data.pipeline import GlobalBatchIterator
 from train.model_state import ModelShape
 from train.optimizer import clip_by_global_norm
 from train.step import init_state, make_step
@@ -132,7 +132,7 @@ out = {}
 for name, shape in [("one", None), ("fsdp8", {"fsdp": 8}), ("dp2_fsdp2_tp2", {"data": 2, "fsdp": 2, "tensor": 2})]:
   cfg = TrainConfig(model=model, data=DataConfig(seq_len=64, num_patches=32, batch_size=8), steps=10, loss_chunk=16)
   mesh = make_mesh({"fsdp": 1}, jax.devices()[:1]) if shape is None else make_mesh(shape)
-  data = _GlobalBatches(SyntheticBatches(model, seq_len=64, num_patches=32, batch_size=8, seed=3), mesh)
+  data = GlobalBatchIterator(SyntheticBatches(model, seq_len=64, num_patches=32, batch_size=8, seed=3), mesh)
   b = next(data)
   fns = make_step(cfg, ModelShape.of(model), mesh, 1, list(b))
   state = init_state(fns, 0)

@@ -6,7 +6,7 @@ is emitted and a new one opened, so only rows that could not take more are ever 
 flush of a finite stream). The packer's state is plain JSON (sizes and example keys), which is what makes
 the pipeline's iterator checkpointable: the examples themselves are re-read by key on restore.
 
-Row layout (what the model consumes, batched on axis 0; position_ids on axis 1):
+Row layout (what the model consumes; rows are stacked into batches by keye_jax.batch_layout):
   input_ids (S,) int32            examples back to back, then the pad token
   segment_ids (S,) int32          1..k per example, 0 on padding
   position_ids (3, S) int32       each example's own 3D ids (restarting at 0), 0 on padding
@@ -15,14 +15,31 @@ Row layout (what the model consumes, batched on axis 0; position_ids on axis 1):
   source_ids (S,) int32           source number of each token, -1 on padding
   pixel_values (P, 588) float32   the examples' patches in order, zero padded
   patch_segment_ids, patch_pos, merge_index, merge_valid   from keye_jax.processing.vision_layout
+  <any other field>               an example's other arrays (not `_private`) are per-token fields, e.g. RL's
+                                  advantages or old log-probs: tokens on the axis batch_layout.batch_axis
+                                  names, laid out like input_ids, 0 on padding and for examples without it
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from keye_jax import batch_layout
 from keye_jax.processing.vision_layout import vision_layout
 from train.data.decode import PATCH_DIM, TokenIds
+
+PER_EXAMPLE = ("pixel_values", "grids_hw")  # an example's fields that are not per token
+
+
+def token_fields(ex: dict) -> list[str]:
+  """An example's per-token fields: every key but the vision ones and `_private` ones (input_ids,
+  loss_mask, position_ids and whatever else the example carries)."""
+  return [k for k in ex if not k.startswith("_") and k not in PER_EXAMPLE]
+
+
+def _tokens(key: str, sl: slice) -> tuple:
+  """Index of tokens `sl` of field `key` (tokens on its batch_layout axis)."""
+  return (slice(None),) * batch_layout.batch_axis(key) + (sl,)
 
 
 def example_size(ex: dict) -> tuple[int, int]:
@@ -59,9 +76,8 @@ def fit_example(ex: dict, seq_len: int, num_patches: int, ids: TokenIds, overlon
   if k and block_tokens[k - 1] != pads[c]:
     return None  # a vision block cut in half: impossible for well-formed text, refuse rather than guess
   p = int(block_patches[k - 1]) if k else 0
-  return {**ex, "input_ids": tokens[:c], "loss_mask": ex["loss_mask"][:c],
-          "position_ids": ex["position_ids"][:, :c], "pixel_values": ex["pixel_values"][:p],
-          "grids_hw": ex["grids_hw"][:k], "_truncated": True}
+  cut = {f: np.asarray(ex[f])[_tokens(f, slice(0, c))] for f in token_fields(ex)}
+  return {**ex, **cut, "pixel_values": ex["pixel_values"][:p], "grids_hw": ex["grids_hw"][:k], "_truncated": True}
 
 
 class BinPacker:
@@ -114,10 +130,16 @@ class BinPacker:
 
 def build_row(examples: list[dict], seq_len: int, num_patches: int, ids: TokenIds) -> dict[str, np.ndarray]:
   """One packed row from examples that fit together (see the module docstring for the layout)."""
-  input_ids = np.full(seq_len, ids.pad, np.int32)
+  row = {"input_ids": np.full(seq_len, ids.pad, np.int32), "position_ids": np.zeros((3, seq_len), np.int32),
+         "loss_mask": np.zeros(seq_len, bool)}
+  for ex in examples:  # other per-token fields: zeros shaped and typed like the first example's
+    for f in token_fields(ex):
+      if f not in row:
+        like = np.asarray(ex[f])
+        shape = list(like.shape)
+        shape[batch_layout.batch_axis(f)] = seq_len
+        row[f] = np.zeros(shape, like.dtype)
   segment_ids = np.zeros(seq_len, np.int32)
-  position_ids = np.zeros((3, seq_len), np.int32)
-  loss_mask = np.zeros(seq_len, bool)
   source_ids = np.full(seq_len, -1, np.int32)
   pixel_values = np.zeros((num_patches, PATCH_DIM), np.float32)
   grids = []
@@ -126,22 +148,24 @@ def build_row(examples: list[dict], seq_len: int, num_patches: int, ids: TokenId
     n, m = example_size(ex)
     if t + n > seq_len or p + m > num_patches:
       raise ValueError(f"examples do not fit a row of {seq_len} tokens / {num_patches} patches")
-    input_ids[t:t + n] = ex["input_ids"]
+    for f in token_fields(ex):
+      row[f][_tokens(f, slice(t, t + n))] = ex[f]
+    row["loss_mask"][t] = False
     segment_ids[t:t + n] = k
-    position_ids[:, t:t + n] = ex["position_ids"]
-    loss_mask[t:t + n] = ex["loss_mask"]
-    loss_mask[t] = False
     source_ids[t:t + n] = ex.get("_source", 0)
     pixel_values[p:p + m] = ex["pixel_values"]
     grids.append(ex["grids_hw"])
     t, p = t + n, p + m
   grids_hw = np.concatenate(grids) if grids else np.zeros((0, 2), np.int32)
-  return dict(input_ids=input_ids, segment_ids=segment_ids, position_ids=position_ids, loss_mask=loss_mask,
-              source_ids=source_ids, pixel_values=pixel_values, **vision_layout(grids_hw, num_patches))
+  row.update(segment_ids=segment_ids, source_ids=source_ids, pixel_values=pixel_values,
+             **vision_layout(grids_hw, num_patches))
+  return {k: row[k] for k in (*STANDARD, *sorted(set(row) - set(STANDARD)))}
+
+
+STANDARD = ("input_ids", "segment_ids", "position_ids", "loss_mask", "source_ids", "pixel_values",
+            "patch_segment_ids", "patch_pos", "merge_index", "merge_valid")
 
 
 def stack_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Rows -> a batch: every array gets a leading batch axis, except position_ids which is (3, B, S)."""
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  batch["position_ids"] = np.ascontiguousarray(batch["position_ids"].transpose(1, 0, 2))
-  return batch
+  """Rows -> a batch (keye_jax.batch_layout.stack: a leading batch axis, position_ids (3, B, S))."""
+  return batch_layout.stack(rows)

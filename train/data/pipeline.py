@@ -6,7 +6,8 @@
           -> GlobalBatchIterator (only with a mesh: global jax.Arrays sharded over ("data", "fsdp"))
 
 Each process yields batch_size // process_count rows per step (its slice of the global batch). Every
-array is numpy (B, ...) except position_ids (3, B, S); see packing.py for the row layout.
+array is numpy (B, ...) except position_ids (3, B, S) (keye_jax/batch_layout.py); see packing.py for the
+row layout.
 
 Saving and restoring the iterator with Orbax, next to the model (each process writes its own
 `process_<i>-of-<n>.json`; the state is small JSON: Grain's read position plus the keys of the examples
@@ -35,6 +36,7 @@ import logging
 import grain
 import numpy as np
 
+from keye_jax import batch_layout
 from train.data.config import DataConfig
 from train.data.decode import Decoder, TokenIds, is_bad, token_ids
 from train.data.mixture import build_dataset
@@ -42,7 +44,6 @@ from train.data.packing import BinPacker, build_row, example_size, fit_example, 
 from train.data.sources import open_source
 
 log = logging.getLogger("train.data")
-BATCH_AXES = ("data", "fsdp")
 
 
 class DataError(RuntimeError):
@@ -180,26 +181,16 @@ class PackedBatchIterator(grain.DatasetIterator):
 
 
 class GlobalBatchIterator(grain.DatasetIterator):
-  """Turns each process's numpy batch into global jax.Arrays sharded over the mesh's batch axes."""
+  """Turns each process's numpy batch into global jax.Arrays sharded over the mesh's batch axes
+  (batch_layout.to_global). The parent is any Grain iterator of numpy batches: the packed pipeline, or
+  train/synthetic.py's batches."""
 
-  def __init__(self, parent: PackedBatchIterator, mesh):
+  def __init__(self, parent: grain.DatasetIterator, mesh):
     super().__init__(parent)
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
-    self._jax = jax
-    self._row = NamedSharding(mesh, PartitionSpec(axes))
-    self._pos = NamedSharding(mesh, PartitionSpec(None, axes))  # position_ids (3, B, S)
+    self._mesh = mesh
 
   def __next__(self):
-    batch = next(self._parent)
-    out = {}
-    for k, v in batch.items():
-      sharding, axis = (self._pos, 1) if k == "position_ids" else (self._row, 0)
-      shape = list(v.shape)
-      shape[axis] *= self._jax.process_count()
-      out[k] = self._jax.make_array_from_process_local_data(sharding, v, tuple(shape))
-    return out
+    return batch_layout.to_global(next(self._parent), self._mesh)
 
   def get_state(self) -> dict:
     return self._parent.get_state()
@@ -208,7 +199,7 @@ class GlobalBatchIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
   def stats(self) -> dict:
-    return self._parent.stats()
+    return self._parent.stats() if hasattr(self._parent, "stats") else {}
 
 
 def make_dataset(cfg: DataConfig, tokenizer, *, encode=None, process_index: int = 0, process_count: int = 1):
