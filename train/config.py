@@ -14,6 +14,7 @@ import os
 
 from keye_jax.config import ConfigError, KeyeConfig, apply_overrides, from_dict, path_field, read_yaml
 from train.data.config import DataConfig
+from train.mpo_config import MPOConfig
 
 MODULES = ("vision", "projector", "language")
 
@@ -81,6 +82,8 @@ class TrainConfig:
   run_dir: str = path_field("runs/default")
   log_every: int = 1
   peak_tflops: float = 0.0  # per device, for MFU; 0 = the TPU table (no MFU where the peak is unknown)
+  loss: str = "cross_entropy"  # cross_entropy (next-token) | mpo (preference pairs; train/mpo.py)
+  mpo: MPOConfig = MPOConfig()  # the `mpo` loss's settings (train/mpo_config.py)
 
   def __post_init__(self):
     if self.grad_accum < 1 or self.data.batch_size % self.grad_accum:
@@ -89,6 +92,8 @@ class TrainConfig:
       raise ConfigError("loss_chunk must be positive")
     if self.steps < 0:
       raise ConfigError(f"steps={self.steps} must be >= 0")
+    if self.loss not in ("cross_entropy", "mpo"):
+      raise ConfigError(f"loss={self.loss!r} is not one of cross_entropy, mpo")
 
 
 def load_train_config(path: str, overrides=()) -> TrainConfig:
