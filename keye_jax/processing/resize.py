@@ -18,8 +18,10 @@ they run with one BLAS thread (parallelism belongs at the frame level).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -31,6 +33,30 @@ _BLOCK_T = 8               # outputs per product, (block, taps) @ (taps, rows) f
 @functools.lru_cache(maxsize=1)
 def _blas() -> ThreadpoolController:
   return ThreadpoolController()
+
+
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limiter = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+  """One BLAS thread while any thread is inside (the limit is process-wide: a plain `limit()` per thread
+  would let the first thread out restore the old count under the others, and the last one keep 1)."""
+  global _limit_users, _limiter
+  with _limit_lock:
+    if _limit_users == 0:
+      _limiter = _blas().limit(limits=1, user_api="blas")
+    _limit_users += 1
+  try:
+    yield
+  finally:
+    with _limit_lock:
+      _limit_users -= 1
+      if _limit_users == 0:
+        _limiter.restore_original_limits()
+        _limiter = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,7 +156,7 @@ def resize_channels_last(planes: np.ndarray, height: int, width: int) -> np.ndar
   c, h, w = planes.shape
   if h == height or w == width:
     return np.moveaxis(resize_planes(planes, height, width), 0, -1)
-  with _blas().limit(limits=1, user_api="blas"):
+  with _one_blas_thread():
     x = _resize_last_transposed(planes.reshape(c * h, w), width, floor=True)     # (width, C*H)
     x = _resize_last_transposed(x.reshape(width * c, h), height, floor=False)    # (height, width*C)
   return x.astype(np.uint8).reshape(height, width, c)
@@ -148,7 +174,7 @@ def resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
   if h != height and w != width:
     return np.ascontiguousarray(np.moveaxis(resize_channels_last(x, height, width), -1, 0)).reshape(
         *lead, height, width)
-  with _blas().limit(limits=1, user_api="blas"):
+  with _one_blas_thread():
     if w != width:                      # floored only when the height pass follows
       x = _resize_width(x.reshape(-1, w), width, floor=h != height).reshape(-1, h, width)
     if h != height:

@@ -14,6 +14,8 @@ float32, so a patch whose cosine is within ~1e-6 of 0.7 could in principle be ju
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import threading
 
 import numpy as np
@@ -157,13 +159,21 @@ def classify(hsv: np.ndarray, sq_norms: np.ndarray, threshold: float = MIN_FRAME
   return c.types
 
 
-def extract_slow_fast_frames(frames: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY,
-                             batch: int = 16) -> np.ndarray:
-  """(T, 3, H, W) uint8 RGB frames -> frame types (T,) int32 (the reference function of the same name)."""
+def frame_threads() -> int:
+  """Threads for per-frame work (resize, HSV, Pillow): one per core, at most 8."""
+  return max(1, min(8, os.cpu_count() or 1))
+
+
+def extract_slow_fast_frames(frames: np.ndarray, threshold: float = MIN_FRAME_SIMILARITY) -> np.ndarray:
+  """(T, 3, H, W) uint8 RGB frames -> frame types (T,) int32 (the reference function of the same name).
+  Frames get their features on `frame_threads()` threads, classified as they come."""
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[1] != 3 or frames.dtype != np.uint8:
     raise ValueError(f"frames must be (T, 3, H, W) uint8, got {frames.shape} {frames.dtype}")
-  feats = [frame_features(frames[i:i + batch]) for i in range(0, len(frames), batch)]
-  if not feats:
+  if not len(frames):
     return np.zeros(0, np.int32)
-  return classify(np.concatenate([f[0] for f in feats]), np.concatenate([f[1] for f in feats]), threshold)
+  typer = FrameTyper(len(frames), frames.shape[2], frames.shape[3], threshold)
+  with concurrent.futures.ThreadPoolExecutor(frame_threads()) as pool:
+    for f in [pool.submit(typer.add, k, frames[k]) for k in range(len(frames))]:
+      f.result()
+  return typer.types()

@@ -100,10 +100,6 @@ def fetch_image(ele: dict, size_factor: int = IMAGE_FACTOR, is_video: bool = Fal
 # Videos.
 
 
-def _workers() -> int:
-  return max(1, min(8, os.cpu_count() or 1))
-
-
 def _video_from_file(ele: dict):
   """(frames (T, 3, H, W) uint8, timestamps (T,) float32, frame types (T,) int32) of a video file."""
   source = ele["video"]
@@ -126,7 +122,7 @@ def _video_from_file(ele: dict):
   # the classification itself goes as far as the frames so far allow, while the decoder goes on.
   typer = slowfast.FrameTyper(len(idx), info.height, info.width,
                               ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
-  with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+  with concurrent.futures.ThreadPoolExecutor(slowfast.frame_threads()) as pool:
     pending = []
     frames = video_reader.read_frames(source, info, pts[idx],
                                       on_frame=lambda k, frame: pending.append(pool.submit(typer.add, k, frame)))
@@ -171,7 +167,7 @@ def _video_from_list(ele: dict, image_factor: int):
       frames[k, c] = np.asarray(band)
     typer.add(k, frames[k])
 
-  with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+  with concurrent.futures.ThreadPoolExecutor(slowfast.frame_threads()) as pool:
     running = [pool.submit(lambda k: finish(k, load(k)), k) for k in range(1, len(unique))]
     try:
       finish(0, first)
