@@ -4,7 +4,8 @@
 
   out_dir/train.jsonl, test.jsonl          manifests; media paths relative to out_dir
   out_dir/{train,test}_{image,video,reasoning,instruction}.jsonl   each split by kind (images and text;
-                                           videos; reasoning and instruction prompts, kept apart for SFT/RL)
+                                           videos; reasoning and instruction prompts for SFT/RL, of which one
+                                           in PRETRAIN_SHARE also joins the image/video files)
   out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos (5-32 frames)
   out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
   out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
@@ -66,6 +67,8 @@ DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 # Sampling rate of the files (every frame is read); the reference sizing upscales frames to >= 196x196.
 VIDEO_KEYS = {"fps": float(FPS)}
 VIDEO_CATEGORIES = ("video_event", "video_time", "long_video")
+# One in PRETRAIN_SHARE reasoning and instruction records is also in the pre-training (image/video) files.
+PRETRAIN_SHARE = 4
 # Instruction constraints for the `instruction` category: name -> (IFEval instruction id, how it is asked).
 END_PHRASE = "That is all."
 INSTRUCTIONS = {
@@ -407,6 +410,7 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
     writer = array_record_module.ArrayRecordWriter(
         os.path.join(out_dir, "array_record", f"{split}.array_record"), "group_size:1")
     by_modality = {"image": [], "video": [], "reasoning": [], "instruction": []}
+    kept = {"reasoning": 0, "instruction": 0}
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as manifest:
       for record, media in _records(split, counts, rng, media_dir, out_dir):
         for rel, data in media.items():
@@ -415,8 +419,15 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
         line = json.dumps(record) + "\n"
         manifest.write(line)
         category = record["category"]
-        by_modality[category if category in ("reasoning", "instruction") else
-                    "video" if category in VIDEO_CATEGORIES else "image"].append(line)
+        is_video = any(e["type"] == "video" for e in record["messages"][0]["content"])
+        if category in ("reasoning", "instruction"):
+          by_modality[category].append(line)
+          # A share also joins pre-training, so the pre-trained model knows the think and instruction
+          # formats that chain-of-thought sampling and RL then build on (as an 8B base model would).
+          kept[category] += 1
+          if kept[category] % PRETRAIN_SHARE:
+            continue
+        by_modality["video" if is_video else "image"].append(line)
         blob = pack_record(record, out_dir)
         writer.write(blob)
         packed[split].append(blob)
