@@ -425,9 +425,8 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
           # A share also joins pre-training, so the pre-trained model knows the think and instruction
           # formats that chain-of-thought sampling and RL then build on (as an 8B base model would).
           kept[category] += 1
-          if kept[category] % PRETRAIN_SHARE:
-            continue
-        by_modality["video" if is_video else "image"].append(line)
+        if category not in kept or kept[category] % PRETRAIN_SHARE == 1:
+          by_modality["video" if is_video else "image"].append(line)
         blob = pack_record(record, out_dir)
         writer.write(blob)
         packed[split].append(blob)
