@@ -52,7 +52,8 @@ def tpu_devices(topology: str):
     raise ValueError(f"--topology {topology}: libtpu cannot build it ({str(e).splitlines()[0]})") from None
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", re.IGNORECASE)
+# "Used 20.5G of 15.75G hbm" or "... required for HLO temporaries (85.17G) exceeds available HBM (15.75G)".
+_OOM = re.compile(r"([\d.]+)([KMGT]?)i?B?\)?\s+(?:of|exceeds available HBM \()\s*([\d.]+)([KMGT]?)", re.IGNORECASE)
 _UNIT = {"": 1 / GIB, "K": 1 / 1024 ** 2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
 
 
