@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup setup-test clean
+.PHONY: demo test setup setup-test setup-tpu clean
 
 $(BIN)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(BIN)/.test: requirements-test.txt $(BIN)/.runtime
 
 setup: $(BIN)/.runtime
 setup-test: $(BIN)/.test
+# libtpu for `keye plan` (ahead-of-time TPU compiles on any machine); setup-test has it too.
+setup-tpu: $(BIN)/.runtime
+	$(BIN)/pip install -q 'jax[tpu]==0.10.2'
 
 demo: setup
 	$(BIN)/keye train configs/demo/all.yaml
