@@ -53,10 +53,20 @@ def test_convert_logits_and_round_trip(hf_dir, tmp_path):
 
 
 def test_bf16_output(hf_dir, tmp_path):
+  import ml_dtypes
+  from keye_jax.checkpoint_io import load_flat
   d, _ = hf_dir
   to_orbax(str(d), str(tmp_path / "o"), dtype="bfloat16")
   cfg, model = load_model(str(tmp_path / "o"))
   assert str(model.decoder.norm.scale[...].dtype) == "float32"  # params follow the model's param_dtype
+  # What is stored is bf16: the source rounded to bf16, nothing else.
+  stored, src = load_flat(str(tmp_path / "o")), _read_all(d)
+  assert all(v.dtype == ml_dtypes.bfloat16 for v in stored.values())
+  q = stored["decoder/layers/layers/1/mlp/up_proj/kernel"]
+  want = src["model.layers.1.mlp.up_proj.weight"].T.astype(ml_dtypes.bfloat16)
+  assert q.dtype == want.dtype and np.array_equal(q.view(np.uint16), want.view(np.uint16))
+  np.testing.assert_array_equal(stored["decoder/norm/scale"].view(np.uint16),
+                                src["model.norm.weight"].astype(ml_dtypes.bfloat16).view(np.uint16))
 
 
 def _copy_ckpt(d, dst, edit):
@@ -75,6 +85,10 @@ def _copy_ckpt(d, dst, edit):
     (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor model.layers.1.mlp.up_proj.weight"),
     (lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}), "unexpected tensor model.layers.0.extra.weight"),
     (lambda t: t.update({"model.norm.weight": np.zeros(5, np.float32)}), "tensor model.norm.weight has shape (5,), expected (64,)"),
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.int32)}),
+     "tensor model.norm.weight has dtype int32, expected a floating-point type"),
+    (lambda t: t["model.layers.2.self_attn.q_proj.weight"].__setitem__((0, 3), np.nan),
+     "tensor model.layers.2.self_attn.q_proj.weight has 1 non-finite values"),
 ])
 def test_bad_checkpoints_name_the_key_and_leave_nothing(hf_dir, tmp_path, edit, message):
   d, _ = hf_dir
@@ -84,6 +98,12 @@ def test_bad_checkpoints_name_the_key_and_leave_nothing(hf_dir, tmp_path, edit, 
     to_orbax(src, str(out))
   assert message in str(e.value)
   assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_missing_tokenizer_warns(hf_dir, tmp_path, capsys):
+  d, _ = hf_dir
+  to_orbax(str(d), str(tmp_path / "o"))  # transformers' save_pretrained wrote no tokenizer
+  assert "has no tokenizer.json" in capsys.readouterr().err
 
 
 def test_missing_config_and_dir(tmp_path):
