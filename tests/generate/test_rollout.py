@@ -131,7 +131,8 @@ def test_logprobs_equal_a_full_forward(model, engine, kind):
 
 
 def test_vision_once_and_prefill_once_per_prompt(engine):
-  """8 samples of each of 3 prompts (2 with vision) through 4 slots: 2 encoder calls, 3 prefills."""
+  """8 samples of each of 4 prompts (an image and a video among them) through 4 slots: 2 encoder calls,
+  4 prefills."""
   calls = {"encode": 0, "prefill": 0}
   real = {k: getattr(engine, "_" + k) for k in calls}
 
@@ -141,16 +142,16 @@ def test_vision_once_and_prefill_once_per_prompt(engine):
       return real[name](*a, **kw)
     return call
 
-  prompts = _mixed_prompts(3)[:3]
+  prompts = _mixed_prompts(3)[:4]
   try:
     engine._encode, engine._prefill = counting("encode"), counting("prefill")
     out = engine.generate([Request(p, SamplingParams(max_new_tokens=5, temperature=1.0, seed=i), 8)
                            for i, p in enumerate(prompts)])
   finally:
     engine._encode, engine._prefill = real["encode"], real["prefill"]
-  assert calls == {"encode": 2, "prefill": 3}
-  assert (out.vision_encodes, out.prefills) == (2, 3)
-  assert out.vision_tokens[0] is None and out.vision_tokens[1].shape[1] == 4
+  assert calls == {"encode": 2, "prefill": 4}
+  assert (out.vision_encodes, out.prefills) == (2, 4)
+  assert out.vision_tokens[0] is None and out.vision_tokens[1].shape[1] == 64 // 4   # patch bucket / 2x2 merge
   assert all(len(g) == 8 for g in out)
 
 
