@@ -17,6 +17,8 @@ $(BIN)/.test: requirements-test.txt $(BIN)/.runtime
 	$(BIN)/pip install -q -r requirements-test.txt
 	# Reference code only (tests exec single loss functions from their sources): files, no dependency trees.
 	$(BIN)/pip install -q --no-deps trl==1.16.0 verl==0.9.1
+	# Tunix's vanilla Sampler for benchmarks/bench_rollout.py: its tree (datasets, tfds, qwix, ...) is unneeded.
+	$(BIN)/pip install -q --no-deps google-tunix==0.1.7
 	touch $@
 
 setup: $(BIN)/.runtime
