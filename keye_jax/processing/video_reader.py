@@ -5,15 +5,17 @@
 2. The caller picks frame indices (in presentation order).
 3. `read_frames` decodes once from the nearest key frame before the first wanted frame, asks the decoder to
    skip non-reference frames it will not return (they are needed by nobody), converts only wanted frames
-   to planar RGB straight into the output array, and hands each one out as soon as it is there, so
-   per-frame work runs on other threads while decoding goes on.
+   to planar RGB straight into the output array, on worker threads that go on to the caller's per-frame
+   work while the decoding thread goes on decoding.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import os
+import threading
 from fractions import Fraction
 from typing import Callable, Iterator
 
@@ -94,18 +96,21 @@ def probe(source) -> VideoInfo:
 
 
 def _copy_planes(g: av.VideoFrame, out: np.ndarray) -> None:
-  """A gbrp frame -> `out` (3, H, W) uint8 RGB planes (swscale's planar GBR, same pixels as rgb24)."""
+  """A gbrp frame -> `out` (3, H, W) uint8 RGB planes."""
   for channel, plane in zip((1, 2, 0), g.planes):      # gbrp stores G, B, R
     out[channel] = np.frombuffer(plane, np.uint8).reshape(g.height, plane.line_size)[:, :g.width]
 
 
 def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray,
-                on_frame: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+                on_frame: Callable[[int, np.ndarray], None] | None = None,
+                pool: concurrent.futures.Executor | None = None) -> np.ndarray:
   """Decode the frames with presentation timestamps `wanted_pts` (sorted, may repeat) -> (m, 3, H, W) uint8.
 
-  `on_frame(k, frames[k])` is called once for every k in range(m) as soon as frames[k] is final (in decoding order,
-  from the decoding thread). A wanted frame the decoder cannot produce is replaced by the nearest earlier
-  decoded frame; none at all is a MediaError.
+  Each wanted frame is converted to RGB and `on_frame(k, frames[k])` called for every k that shows it, as
+  one task on `pool` when given (so the decoding thread only decodes, and the frame is still in cache for
+  the caller's work), else on the calling thread. A wanted frame the decoder cannot produce is replaced by
+  the nearest earlier decoded frame (`on_frame` then runs on the calling thread); none at all is a
+  MediaError.
   """
   wanted_pts = np.asarray(wanted_pts, np.int64)
   unique = np.unique(wanted_pts)
@@ -113,19 +118,34 @@ def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray,
   got = np.zeros(len(unique), bool)
   out_of = np.searchsorted(unique, wanted_pts)         # wanted index -> unique index
   users = [np.flatnonzero(out_of == u) for u in range(len(unique))]
+  # One colour converter per thread for all its frames (a frame's own would set swscale up again each time).
+  local = threading.local()
 
-  for u, g in _decode(source, info, unique):
-    if (g.height, g.width) != frames.shape[2:]:
-      raise MediaError(source, f"frame size changes inside the video: {(g.height, g.width)} after "
-                               f"{frames.shape[2:]}")
-    got[u] = True
-    first = users[u][0]
-    _copy_planes(g, frames[first])
-    for k in users[u][1:]:
-      frames[k] = frames[first]
-    if on_frame:
-      for k in users[u]:
+  def finish(u, frame):
+    if not hasattr(local, "rgb"):
+      local.rgb = VideoReformatter()
+    # gbrp: swscale's planar GBR, the same pixels as rgb24, copied plane by plane with no interleaving.
+    _copy_planes(local.rgb.reformat(frame, format="gbrp", threads=1), frames[users[u][0]])
+    for k in users[u]:
+      if k != users[u][0]:
+        frames[k] = frames[users[u][0]]
+      if on_frame:
         on_frame(int(k), frames[k])
+
+  tasks = []
+  try:
+    for u, frame in _decode(source, info, unique):
+      if (frame.height, frame.width) != frames.shape[2:]:
+        raise MediaError(source, f"frame size changes inside the video: {(frame.height, frame.width)} after "
+                                 f"{frames.shape[2:]}")
+      got[u] = True
+      if pool is None:
+        finish(u, frame)
+      else:
+        tasks.append(pool.submit(finish, u, frame))
+  finally:
+    for t in tasks:                                    # wait for every task (and raise the first error)
+      t.result()
   if not got.any():
     raise MediaError(source, "zero decodable frames")
   for u in np.flatnonzero(~got):                       # undecodable: nearest earlier (else later) frame
@@ -139,7 +159,7 @@ def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray,
 
 
 def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, av.VideoFrame]]:
-  """(index into `unique`, gbrp frame) of the wanted frames in presentation order."""
+  """(index into `unique`, decoded frame) of the wanted frames in presentation order."""
   container = _open(source)
   try:
     stream = container.streams.video[0]
@@ -148,9 +168,6 @@ def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, 
     if unique[0] > info.pts[0]:
       container.seek(int(unique[0]), stream=stream, backward=True, any_frame=False)
     want = {int(p): u for u, p in enumerate(unique)}
-    # One colour converter for all frames (a frame's own would set up swscale again for every frame), on
-    # the calling thread: the decoder's threads and the caller's workers already use the cores.
-    rgb = VideoReformatter()
     for packet in container.demux(stream):
       if packet.pts is not None:
         # Non-reference frames nobody asked for are not decoded at all.
@@ -162,7 +179,7 @@ def _decode(source, info: VideoInfo, unique: np.ndarray) -> Iterator[tuple[int, 
       for frame in decoded:
         u = want.pop(frame.pts, None)
         if u is not None:
-          yield u, rgb.reformat(frame, format="gbrp", threads=1)
+          yield u, frame
       if not want:
         break
   except av.FFmpegError as e:

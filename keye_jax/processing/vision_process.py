@@ -118,16 +118,12 @@ def _video_from_file(ele: dict):
   idx = sample_indices(len(pts), nframes)
   timestamps = (times[idx] - times[0]).astype(np.float32)
 
-  # Each frame's classification features are worked out on a worker thread as soon as it is decoded, and
-  # the classification itself goes as far as the frames so far allow, while the decoder goes on.
+  # Each decoded frame is converted and gets its classification features on a worker thread, and the
+  # classification goes as far as the frames so far allow, while the decoder goes on.
   typer = slowfast.FrameTyper(len(idx), info.height, info.width,
                               ele.get("min_frame_similarity", MIN_FRAME_SIMILARITY))
   with concurrent.futures.ThreadPoolExecutor(slowfast.frame_threads()) as pool:
-    pending = []
-    frames = video_reader.read_frames(source, info, pts[idx],
-                                      on_frame=lambda k, frame: pending.append(pool.submit(typer.add, k, frame)))
-    for f in pending:
-      f.result()
+    frames = video_reader.read_frames(source, info, pts[idx], on_frame=typer.add, pool=pool)
   return frames, timestamps, typer.types()
 
 
