@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from keye_jax.processing import Processor, fetch_video, process_vision_info
-from tests.processing.media import scene_frames, write_video
+from keye_jax.processing import Processor, fetch_video, process_vision_info, slowfast, video_reader
+from tests.processing.media import scene_frames, write_clip, write_video
 
 # (kind, height, width, frames, fps, element extras)
 CLIPS = [
@@ -44,9 +44,13 @@ def _same_result(ours, theirs):
     assert "timestamps" not in kw
 
 
+def test_decord_is_installed():
+  """The reference reads video files with decord, a test requirement: missing, the file tests must fail."""
+  import decord  # noqa: F401
+
+
 @pytest.mark.parametrize("kind", [c[0] for c in CLIPS])
 def test_video_file_matches_reference(ref, clips, kind):
-  pytest.importorskip("decord")                         # the reference reads files with decord
   path, _, extra = clips[kind]
   ours = fetch_video({"video": path, **extra})
   _same_result(ours, ref.fetch_video({"video": path, **extra}))
@@ -110,3 +114,57 @@ def test_process_vision_info_matches_reference(ref, clips, tmp_path):
   np.testing.assert_array_equal(videos[0], r_videos[0].numpy())
   assert sorted(kw) == sorted(r_kw)
   np.testing.assert_array_equal(kw["frame_types"][0], r_kw["frame_types"][0].numpy())
+
+
+@pytest.fixture(scope="module")
+def panning(tmp_path_factory):
+  """Small versions of the benchmark's clips (preset fast: B-frames, so non-reference frames are skipped)."""
+  d = tmp_path_factory.mktemp("panning")
+  return {kind: write_clip(str(d / f"{kind}.mp4"), kind, seconds=4, fps=15, h=144, w=256, seed=3)
+          for kind in ("heavy", "cheap")}
+
+
+@pytest.mark.parametrize("kind", ["heavy", "cheap"])
+@pytest.mark.parametrize("extra", [{}, {"fps": 15}, {"fps": 4, "min_frame_similarity": 0.5}])
+def test_panning_clips_match_reference(ref, panning, kind, extra):
+  """The decode path (non-reference frames skipped, conversion and features on worker threads) on a
+  decode-heavy and a cheap clip: frames, types, timestamps and sizes equal the reference's."""
+  ours = fetch_video({"video": panning[kind], **extra})
+  _same_result(ours, ref.fetch_video({"video": panning[kind], **extra}))
+  if extra.get("fps") == 15:                            # every frame sampled: scene cuts give slow frames
+    assert (ours[1]["frame_types"] == 0).sum() >= 2
+
+
+def test_read_frames_same_with_and_without_pool(panning):
+  """Frames and the frames handed to on_frame are the same on worker threads as on the calling thread,
+  repeated timestamps included."""
+  import concurrent.futures
+  path = panning["heavy"]
+  info = video_reader.probe(path)
+  wanted = info.pts[[0, 3, 3, 10, 31, 59, 59]]
+  seen = {}
+  plain = video_reader.read_frames(path, info, wanted, on_frame=lambda k, f: seen.setdefault(("plain", k), f.copy()))
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    pooled = video_reader.read_frames(path, info, wanted, pool=pool,
+                                      on_frame=lambda k, f: seen.setdefault(("pool", k), f.copy()))
+  np.testing.assert_array_equal(plain, pooled)
+  np.testing.assert_array_equal(plain[1], plain[2])
+  for k in range(len(wanted)):
+    np.testing.assert_array_equal(seen[("plain", k)], plain[k])
+    np.testing.assert_array_equal(seen[("pool", k)], plain[k])
+
+
+def test_frame_typer_any_order_equals_classify(ref):
+  """Frames added out of order, from several threads, give the reference's types."""
+  import concurrent.futures
+  frames = np.stack(scene_frames("mixed", 24, 60, 100, seed=5) + scene_frames("cuts", 16, 60, 100, seed=6))
+  frames = np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
+  want = ref.extract_slow_fast_frames(torch.from_numpy(frames)).numpy()
+  order = np.random.default_rng(0).permutation(len(frames))
+  typer = slowfast.FrameTyper(len(frames), 60, 100)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for f in [pool.submit(typer.add, int(k), frames[k]) for k in order]:
+      f.result()
+  np.testing.assert_array_equal(typer.types(), want)
+  np.testing.assert_array_equal(slowfast.extract_slow_fast_frames(frames), want)
+  assert (want == 0).sum() >= 3
