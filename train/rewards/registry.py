@@ -11,6 +11,7 @@ A config names rewards with their weights and options:
     - {name: answer, weight: 1.0}
     - {name: think_format, weight: 0.2}
     - {name: length_penalty, weight: 1.0, max_tokens: 2048}
+    - {name: pairwise, ckpt: runs/rm, ckpt_options: {max_new_tokens: 64}}   # judge = our checkpoint
 
 and `combine(config)` returns one callable giving the weighted sum and each reward's own values.
 """
@@ -76,6 +77,9 @@ def build(name: str, **options: Any) -> Reward:
   _load_all()
   if name not in _FACTORIES:
     raise ValueError(f"unknown reward {name!r} (known: {', '.join(sorted(_FACTORIES))})")
+  if "ckpt" in options:  # a judge that is one of our checkpoints (train/rewards/model_judge.py)
+    from train.rewards.model_judge import with_checkpoint_judge
+    options = with_checkpoint_judge(options)
   try:
     return _FACTORIES[name](**options)
   except TypeError as e:
