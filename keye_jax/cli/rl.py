@@ -1,5 +1,5 @@
 """`keye rl CONFIG [key.sub=value ...]`: GSPO reinforcement learning (train/rl/loop.py), or an iterative
-SFT/RL/RFT schedule when CONFIG has `phases:` (train/rl/schedule.py)."""
+SFT/RL/RFT schedule when CONFIG has `phases:` (train/schedule.py)."""
 
 from __future__ import annotations
 

@@ -50,11 +50,11 @@ log = logging.getLogger("train.rl")
 
 
 def run(config_path: str, overrides=()) -> dict:
-  """`keye rl`: an RL YAML, or a schedule YAML with `phases:` (train/rl/schedule.py)."""
+  """`keye rl`: an RL YAML, or a schedule YAML with `phases:` (train/schedule.py)."""
   with open(config_path) as f:
     raw = yaml.safe_load(f) or {}
   if "phases" in raw:
-    from train.rl.schedule import run_schedule
+    from train.schedule import run_schedule
     return run_schedule(config_path, overrides)
   return train_rl(load_rl_config(config_path, overrides))
 
