@@ -146,7 +146,10 @@ class RLRun:
 
   def _score(self, metas, texts):
     total, _ = self.rewards(metas, texts)
-    correct = np.asarray([hinting.is_correct(m, t, self.cfg.rl.correct_threshold) for m, t in zip(metas, texts)])
+    thr = self.cfg.rl.correct_threshold
+    # A prompt without a reference answer (an instruction prompt) is passed when its reward is.
+    correct = np.asarray([hinting.is_correct(m, t, thr) if m.get("reference") is not None else r > thr
+                          for m, t, r in zip(metas, texts, total)])
     return np.asarray(total, np.float32), correct
 
   def step(self) -> dict:

@@ -154,11 +154,13 @@ def split_record(record: dict, where: str) -> tuple[list[dict], dict]:
   if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
     raise RecordError("the conversation does not end with a user turn")
   reference = record.get("reference", record.get("answer"))
-  if reference is None:
+  if reference is None and "instruction_id_list" not in record:  # instructions are judged by their constraints
     reference = solution
   elif record.get("solution") is None and solution is not None and solution.strip() == str(reference).strip():
     solution = None  # an SFT turn that only states the answer is no solution to cut hints from
-  meta = {"id": str(record.get("id", where)), "prompt": _text(messages[-1].get("content")),
+  # The record's other fields (instruction_id_list, kwargs, format, context, ...) are there for the rewards.
+  meta = {**{k: v for k, v in record.items() if k != "messages"},
+          "id": str(record.get("id", where)), "prompt": _text(messages[-1].get("content")),
           "reference": reference, "answer": reference, "kind": record.get("kind"),
           "answer_kind": record.get("kind"),
           "options": record.get("options"), "hints": record.get("hints"), "solution": solution,
