@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from keye_jax import batch_layout
 from keye_jax.model import KeyeVL
 from keye_jax.processing import thinking
 from keye_jax.processing.chat import encode_prompt
@@ -375,18 +376,12 @@ def finish_generation(decode, tokens, logprobs, stopped: bool, stop_strings, sto
 
 
 def put_batch(batch: dict, mesh) -> dict:
-  """Host batch -> device arrays, rows split over the mesh's batch axes (position_ids (3, B, S): axis 1)."""
+  """Host batch -> device arrays, rows split over the mesh's batch axes (`batch_layout` says which axis
+  of each key holds the rows)."""
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from keye_jax.sharding import logical_to_spec
-  rows = logical_to_spec(("batch",), mesh_axes=mesh.axis_names)[0]
-
-  def put(k, v):
-    spec = P(None, rows) if k == "position_ids" else P(rows)
-    return jax.device_put(v, NamedSharding(mesh, spec))
-
-  return {k: put(k, v) for k, v in batch.items()}
+  shardings = batch_layout.shardings(list(batch), mesh)
+  return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
 
 
 class _TextWatcher:

@@ -15,6 +15,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from keye_jax.config import KeyeConfig, TextConfig  # noqa: E402
 from keye_jax.generate import Prompt, Sampler, SamplingParams  # noqa: E402
 from keye_jax.model import KeyeVL  # noqa: E402
+from keye_jax.rollout import Request, RolloutEngine  # noqa: E402
 from keye_jax.sharding import make_mesh, shard_model  # noqa: E402
 
 
@@ -33,7 +34,13 @@ def main():
   same = [g.tokens for g in got] == [w.tokens for w in want]
   err = max(np.abs(np.subtract(g.logprobs, w.logprobs)).max() for g, w in zip(got, want))
   print("same tokens", same, "max logprob diff", err)
-  return 0 if same and err <= 1e-4 else 1
+  # The rollout engine over the same mesh: its 4 slots split over data=2, same greedy tokens.
+  reqs = [Request(p, params, 2) for p in prompts]
+  rolled = RolloutEngine(model, stop_token_ids=(), slots=4, mesh=mesh).generate(reqs)
+  same_rollout = all(g.tokens == w.tokens for grp, w in zip(rolled, want) for g in grp)
+  err_rollout = max(np.abs(np.subtract(g.logprobs, w.logprobs)).max() for grp, w in zip(rolled, want) for g in grp)
+  print("rollout: same tokens", same_rollout, "max logprob diff", err_rollout)
+  return 0 if same and err <= 1e-4 and same_rollout and err_rollout <= 1e-4 else 1
 
 
 if __name__ == "__main__":
