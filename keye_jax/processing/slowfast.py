@@ -6,8 +6,9 @@ Frame 0 is slow and is the key frame. A later frame is compared with the current
 (0.9) the frame is slow and becomes the key frame, otherwise it is fast.
 
 The work is split so nothing loops over frames in Python except to walk key-frame changes:
-`frame_features` (resize + HSV + per-patch squared norms) runs on any batch of frames, e.g. while a video
-is still decoding, and `classify` compares the key frame with a whole run of following frames at once.
+`frame_features` (resize + HSV + per-patch squared norms) runs on each frame as soon as it exists, on
+whichever thread has it (`FrameTyper`, e.g. while a video is still decoding), and `classify` compares the key
+frame with a whole run of following frames at once, as far as the frames so far allow.
 Dot products and norms are exact integers (in floats); only the final cosine is rounded (the reference works in
 float32, so a patch whose cosine is within ~1e-6 of 0.7 could in principle be judged differently).
 """
@@ -63,7 +64,10 @@ def frame_features(frames: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None
 def _similarities(key: np.ndarray, key_sq: np.ndarray, run: np.ndarray, run_sq: np.ndarray) -> np.ndarray:
   """Share of similar patches between the key frame and each frame of a run: (m,) float32, NaN when every
   patch is black in both frames (the reference's mean over nothing)."""
-  dot = _patch_sums(key.astype(np.float32)[None] * run.astype(np.float32))
+  key32 = key.astype(np.float32)
+  dot = np.empty(run_sq.shape)
+  for i, frame in enumerate(run):                 # one frame at a time: temporaries stay small and in cache
+    dot[i] = _patch_sums((key32 * frame)[None])[0]
   cos = dot / ((np.sqrt(key_sq)[None] + _EPS) * (np.sqrt(run_sq) + _EPS))
   valid = ~((key_sq[None] == 0) & (run_sq == 0))
   similar = (cos > COSINE_THRESHOLD) & valid
