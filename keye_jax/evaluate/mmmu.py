@@ -34,6 +34,11 @@ DISCIPLINES = {
 _DISCIPLINE_OF = {s: d for d, subs in DISCIPLINES.items() for s in subs}
 
 
+def discipline_of(subject: str) -> str:
+  """'Art_Theory' -> 'Art and Design' (MMMU's six disciplines; 'other' for an unknown subject)."""
+  return _DISCIPLINE_OF.get(subject, "other")
+
+
 def subject_of(item_id: str) -> str:
   """'validation_Art_Theory_12' -> 'Art_Theory'."""
   return "_".join(item_id.split("_")[1:-1])
@@ -63,7 +68,7 @@ def _images(row: dict, media_dir: str, stem: str) -> list[dict]:
 def item_from_row(row: dict, media_dir: str, categories: dict | None = None) -> Item:
   rid = str(row["id"])
   subject = subject_of(rid)
-  cats = {"subject": subject, "discipline": _DISCIPLINE_OF.get(subject, "other"), **(categories or {})}
+  cats = {"subject": subject, "discipline": discipline_of(subject), **(categories or {})}
   if row.get("question_type", "multiple-choice") == "multiple-choice":
     options = [str(o) for o in parse_list(row.get("options"))]
     text = f"{row['question']}\n{lettered(options)}\n{CHOICE_PROMPT}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from keye_jax.evaluate.items import Item, find_files, index_files, lettered, read_parquet_rows, save_media, user
-from keye_jax.evaluate.mmmu import _DISCIPLINE_OF, subject_of
+from keye_jax.evaluate.mmmu import discipline_of, subject_of
 
 NAME = "video_mmmu"
 MAX_NEW_TOKENS = 1024
@@ -47,7 +47,7 @@ def item_from_row(row: dict, track: str, videos: dict[str, str], media_dir: str)
     content.append({"type": "image", "image": save_media(image["bytes"], media_dir, rid)})
   content.append({"type": "text", "text": text})
   subject = subject_of(rid)
-  cats = {"track": track, "discipline": _DISCIPLINE_OF.get(subject, "other"), "subject": subject}
+  cats = {"track": track, "discipline": discipline_of(subject), "subject": subject}
   return Item(f"{track}/{rid}", user(content), "choice" if mc else "open", str(row["answer"]).strip(), options,
               cats, error=error)
 
