@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from keye_jax import host_memory  # noqa: E402
+from keye_jax import cpu_ops  # noqa: E402
 from keye_jax.config import KeyeConfig, TextConfig  # noqa: E402
 from keye_jax.sharding import make_mesh  # noqa: E402
 from train.config import OptimizerConfig, TrainConfig  # noqa: E402
@@ -133,7 +133,7 @@ def main():
   p.add_argument("--system-malloc", action="store_true",
                  help="leave glibc's malloc as it is (by default both sides reuse freed memory, as `keye train` does)")
   args = p.parse_args()
-  reuse = not args.system_malloc and host_memory.keep_freed_memory()
+  reuse = not args.system_malloc and cpu_ops.prepare_host()
   import torch
   flops = text_flops_per_step(KeyeConfig(text=TEXT, vision=None), BATCH, SEQ)
   peak_jax, peak_torch = jax_matmul_peak(repeats=20), torch_matmul_peak(repeats=20)

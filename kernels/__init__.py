@@ -4,11 +4,11 @@
 segment ids (B, S) int32 with 0 = padding; returns (B, Sq, Hq, D). The model never knows which
 implementation runs:
 
-- `xla`: plain XLA reference (`kernels.reference`), query-blocked for memory; the CPU path.
+- `xla`: plain XLA reference (`kernels.reference`), query-blocked for memory (on the CPU the model
+  runs keye_jax/cpu_ops.py's form of it, with a written-out gradient).
 - `pallas`: segment-aware flash attention (`kernels.flash_attention`) that visits only the blocks
   sharing a segment; interpret mode automatically when not on TPU. Shapes the blocks do not tile
   (e.g. KV-cache decoding with Sq = 1) fall back to `xla`.
-- `splash`: JAX's splash attention (`kernels.splash`), the comparison baseline.
 - `auto`: `pallas` on TPU, `xla` elsewhere.
 
 With `mesh` given, the call runs under shard_map as ring attention over the mesh's `context` axis
@@ -27,9 +27,8 @@ from kernels.block_tables import default_positions
 from kernels.flash_attention import flash_attention
 from kernels.reference import xla_attention
 from kernels.ring_attention import ring_attention
-from kernels.splash import splash_attention
 
-IMPLS = ("auto", "xla", "pallas", "splash")
+IMPLS = ("auto", "xla", "pallas")
 LANES, SUBLANES = 128, 8
 
 
@@ -111,15 +110,11 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool,
     ambient = jax.sharding.get_abstract_mesh()
     if ambient is not None and not ambient.empty and ambient.size > 1 and not ambient.manual_axes:
       mesh = ambient
-  if mesh is not None and q.shape[1] == k.shape[1] and impl != "splash":
+  if mesh is not None and q.shape[1] == k.shape[1]:
     return _mesh_attention(q, k, v, q_segment_ids, kv_segment_ids, mesh=mesh, impl=impl, causal=causal,
                            scale=scale, block_q=block_q, block_kv=block_kv, interpret=interpret)
   if impl == "xla":
     return xla_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                          causal=causal, scale=scale)
-  if impl == "pallas":
-    return _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
-                             block_q=block_q, block_kv=block_kv, interpret=interpret)
-  return splash_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                          causal=causal, scale=scale, block_q=block_q, block_kv=block_kv,
-                          interpret=interpret)
+  return _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
+                           block_q=block_q, block_kv=block_kv, interpret=interpret)

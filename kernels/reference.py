@@ -1,12 +1,11 @@
-"""Attention in plain XLA: the reference every kernel is tested against, and the CPU path.
+"""Attention in plain XLA: the reference every kernel is tested against (XLA CPU runs its own form,
+keye_jax/cpu_ops.py).
 
 Shapes: q (B, Sq, Hq, D); k, v (B, Skv, Hkv, D) with Hq a multiple of Hkv (grouped-query attention:
 kv head j serves query heads j*G .. j*G+G-1). Segment ids (B, S) int32, 0 = padding.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,18 +23,10 @@ def attention_mask(q_segment_ids, kv_segment_ids, causal: bool, sq: int, skv: in
   return mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _grouped_attention(qh, kh, vh, mask, scale):
+def grouped_attention(qh, kh, vh, mask, scale):
   """softmax(scale * qh kh^T) vh with fp32 statistics: qh (B, H, G*Tq, D), kh, vh (B, H, Skv, D), mask
-  broadcasting against (B, H, G, Tq, Skv). Rows with no visible key (padding queries) give zeros.
-
-  The gradient is written out so that every matmul, forward and backward, is a batched product over
-  rows or keys with only (rows, D) operands ever transposed: the generic gradient contracts over
-  (G, Tq) and makes XLA CPU copy the (Tq, Skv) probabilities transposed, several times per layer."""
-  return _grouped_attention_fwd(qh, kh, vh, mask, scale)[0]
-
-
-def _grouped_attention_fwd(qh, kh, vh, mask, scale):
+  broadcasting against (B, H, G, Tq, Skv). Rows with no visible key (padding queries) give zeros. Plain
+  maths, differentiated by JAX (XLA CPU's written-out gradient is keye_jax/cpu_ops.py's)."""
   b, h, m, _ = qh.shape
   tq, skv = mask.shape[-2:]
   s = jnp.einsum("bhmd,bhkd->bhmk", qh, kh, preferred_element_type=jnp.float32)
@@ -44,29 +35,7 @@ def _grouped_attention_fwd(qh, kh, vh, mask, scale):
   e = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0)), 0.0)
   l = e.sum(-1, keepdims=True)
   p = (e * jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)).reshape(b, h, m, skv)
-  out = jnp.einsum("bhmk,bhkd->bhmd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-  return out, (qh, kh, vh, p, out)
-
-
-def _grouped_attention_bwd(scale, res, d_out):
-  qh, kh, vh, p, out = res
-  delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
-  dp = jnp.einsum("bhmd,bhkd->bhmk", d_out.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-  ds = p * (dp - delta)
-  dq = jnp.einsum("bhmk,bhkd->bhmd", ds.astype(kh.dtype), kh, preferred_element_type=jnp.float32) * scale
-  # Key and value gradients as (D, Skv) = (D, rows) @ (rows, Skv), then transposed (small). The
-  # barriers keep both transposes explicit: folded into the matmul, XLA CPU would contract the left
-  # operand over a leading dim, which YNNPACK does not take (see keye_jax.layers._rows_dot).
-  bar = jax.lax.optimization_barrier
-  dk = jnp.einsum("bhdm,bhmk->bhdk", bar(qh.swapaxes(2, 3)), ds.astype(qh.dtype),
-                  preferred_element_type=jnp.float32) * scale
-  dv = jnp.einsum("bhdm,bhmk->bhdk", bar(d_out.astype(vh.dtype).swapaxes(2, 3)), p.astype(vh.dtype),
-                  preferred_element_type=jnp.float32)
-  dk, dv = bar((dk, dv))
-  return (dq.astype(qh.dtype), dk.swapaxes(2, 3).astype(kh.dtype), dv.swapaxes(2, 3).astype(vh.dtype), None)
-
-
-_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
+  return jnp.einsum("bhmk,bhkd->bhmd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
 
 
 def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool, scale=None,
@@ -86,27 +55,19 @@ def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: b
   # k, v (B, Hkv, Skv, D), so repeated K/V are never materialised and every matmul is a plain batched one.
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-  def block(q_blk, q_seg_blk, q_offset, kv_len=skv):
-    """Queries q_offset .. q_offset + Tq against the first kv_len keys."""
+  def block(q_blk, q_seg_blk, q_offset):
+    """Queries q_offset .. q_offset + Tq against every key."""
     tq = q_blk.shape[1]
     qh = q_blk.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)
-    mask = jnp.ones((1, tq, kv_len), dtype=bool)
+    mask = jnp.ones((1, tq, skv), dtype=bool)
     if q_seg_blk is not None:
-      kv_seg = kv_segment_ids[:, :kv_len]
-      mask = (q_seg_blk[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+      mask = (q_seg_blk[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
     if causal:
       q_pos = q_offset + jnp.arange(tq)[:, None] + (skv - sq)
-      mask = mask & (q_pos >= jnp.arange(kv_len)[None, :])[None]
-    out = _grouped_attention(qh, kh[:, :, :kv_len], vh[:, :, :kv_len], mask[:, None, None], scale)
+      mask = mask & (q_pos >= jnp.arange(skv)[None, :])[None]
+    out = grouped_attention(qh, kh, vh, mask[:, None, None], scale)
     return out.reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d).astype(q.dtype)
 
-  if causal and sq == skv and sq % 2 == 0 and 256 <= sq <= block_q:
-    # Causal self-attention: the first half of the queries sees only the first half of the keys, so
-    # it skips the masked quarter of the score matrix (a quarter less attention work and memory).
-    half = sq // 2
-    seg = (None, None) if q_segment_ids is None else (q_segment_ids[:, :half], q_segment_ids[:, half:])
-    return jnp.concatenate([block(q[:, :half], seg[0], 0, kv_len=half), block(q[:, half:], seg[1], half)],
-                           axis=1)
   if sq <= block_q or sq % block_q:
     return block(q, q_segment_ids, 0)
   n = sq // block_q

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
-from keye_jax import rope
+from keye_jax import ops, rope
 from keye_jax.config import KeyeConfig, TextConfig
 from keye_jax.layers import Dense, Embed, RMSNorm
 from keye_jax.sharding import constrain
@@ -43,8 +42,9 @@ class Attention(nnx.Module):
     q = self.q_norm(self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim))
     k = self.k_norm(self.k_proj(x_bsd).reshape(b, s, self.num_kv_heads, self.head_dim))
     v = self.v_proj(x_bsd).reshape(b, s, self.num_kv_heads, self.head_dim)
-    q = constrain(rope.apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
-    k = constrain(rope.apply_rope(k, cos, sin), ("batch", "length", "act_heads", None))
+    rotate = ops.current().apply_rope
+    q = constrain(rotate(q, cos, sin), ("batch", "length", "act_heads", None))
+    k = constrain(rotate(k, cos, sin), ("batch", "length", "act_heads", None))
     return q, k, v
 
   def __call__(self, x_bsd, cos, sin, segment_ids, cache=None):
@@ -54,8 +54,8 @@ class Attention(nnx.Module):
     b, s, _ = x_bsd.shape
     q, k, v = self.qkv(x_bsd, cos, sin)
     if cache is None:
-      out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-                              impl=self.attention_impl)
+      out = ops.current().attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                    causal=True, impl=self.attention_impl)
     else:
       out = decode_attention(q, k, v, *cache)
     out = out.reshape(b, s, self.num_heads * self.head_dim)

@@ -35,31 +35,10 @@ def vision_cos_sin(rows, cols, head_dim: int, theta: float):
   return jnp.cos(emb), jnp.sin(emb)
 
 
-@jax.custom_vjp
 def apply_rope(x_bshd, cos_bsd, sin_bsd):
-  """Rotate-half RoPE in fp32; cos/sin broadcast over heads. Returns x's dtype.
-
-  cos/sin must repeat their first half in the second (as both tables above do). The gradient is then
-  the inverse rotation, RoPE with -sin: the generic one turns the halves' slices into pads and adds.
-  cos/sin get no gradient (they come from integer positions)."""
-  return _rotate(x_bshd, cos_bsd, sin_bsd)
-
-
-def _rotate(x_bshd, cos_bsd, sin_bsd):
+  """Rotate-half RoPE in fp32; cos/sin broadcast over heads. Returns x's dtype."""
   x = x_bshd.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   cos, sin = cos_bsd[..., None, :], sin_bsd[..., None, :]
   return (x * cos + rotated * sin).astype(x_bshd.dtype)
-
-
-def _apply_rope_fwd(x_bshd, cos_bsd, sin_bsd):
-  return _rotate(x_bshd, cos_bsd, sin_bsd), (cos_bsd, sin_bsd)
-
-
-def _apply_rope_bwd(res, dy_bshd):
-  cos_bsd, sin_bsd = res
-  return _rotate(dy_bshd, cos_bsd, -sin_bsd), jnp.zeros_like(cos_bsd), jnp.zeros_like(sin_bsd)
-
-
-apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)

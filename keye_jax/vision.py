@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
-from keye_jax import rope
+from keye_jax import ops, rope
 from keye_jax.config import KeyeConfig, VisionConfig
 from keye_jax.layers import Dense, LayerNorm
 from keye_jax.sharding import constrain
@@ -73,11 +72,12 @@ def interpolated_positions(table_nd, patch_pos_bp4, side: int):
 class PositionTable(nnx.Module):
   """The learned (G*G, Dv) absolute position table, resized per block on the fly."""
 
-  def __init__(self, side: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
-    # N(0, 0.7) for a fresh tower (pretrained checkpoints overwrite it): at 0.02 a random tower's outputs
-    # were the same at every position (cosine 1.000 between cells), so nothing downstream could learn
-    # "where"; at 1.0 the positions drown the shapes (demo: position 62%, shape 33%); 0.7 keeps both.
-    self.embedding = nnx.Param(0.7 * jax.random.normal(rngs.params(), (side * side, dim), param_dtype),
+  def __init__(self, side: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype, init_std: float = 0.0):
+    # A fresh table is N(0, init_std), by default SigLIP's 1/sqrt(dim) (transformers'
+    # SiglipPreTrainedModel._init_weights); pretrained checkpoints overwrite it. The CPU demo sets 0.7
+    # (configs/model/tiny.yaml), see there.
+    std = init_std or dim ** -0.5
+    self.embedding = nnx.Param(std * jax.random.normal(rngs.params(), (side * side, dim), param_dtype),
                                logical_axes=("positions", "embed"))
     self.side, self.dtype = side, dtype
 
@@ -103,11 +103,12 @@ class VisionAttention(nnx.Module):
     b, p, _ = x_bpd.shape
     heads = lambda y: y.reshape(b, p, self.num_heads, self.head_dim)
     names = ("batch", "length", "act_heads", None)
-    q = constrain(rope.apply_rope(heads(self.q_proj(x_bpd)), cos, sin), names)
-    k = constrain(rope.apply_rope(heads(self.k_proj(x_bpd)), cos, sin), names)
+    o = ops.current()
+    q = constrain(o.apply_rope(heads(self.q_proj(x_bpd)), cos, sin), names)
+    k = constrain(o.apply_rope(heads(self.k_proj(x_bpd)), cos, sin), names)
     v = heads(self.v_proj(x_bpd))
-    out = kernels.attention(q, k, v, q_segment_ids=segment_ids_bp, kv_segment_ids=segment_ids_bp, causal=False,
-                            impl=self.attention_impl)
+    out = o.attention(q, k, v, q_segment_ids=segment_ids_bp, kv_segment_ids=segment_ids_bp, causal=False,
+                      impl=self.attention_impl)
     return self.out_proj(out.reshape(b, p, self.num_heads * self.head_dim))
 
 
@@ -153,7 +154,7 @@ class VisionTower(nnx.Module):
     self.cfg = v
     self.patch_embed = Dense(v.num_channels * v.patch_size ** 2, v.hidden_size, ("patch", "embed"), bias=True,
                              rngs=rngs, **kw)
-    self.pos_embed = PositionTable(v.grid_size, v.hidden_size, rngs=rngs, **kw)
+    self.pos_embed = PositionTable(v.grid_size, v.hidden_size, rngs=rngs, init_std=v.position_init_std, **kw)
     self.layers = Stack(
         lambda r: EncoderLayer(v, attention_impl=cfg.attention_impl, rngs=r, **kw),
         v.num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)

@@ -50,3 +50,15 @@ def test_runs_on_cpu_follows_jax_platforms(monkeypatch):
   assert host_memory.runs_on_cpu()
   monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
   assert not host_memory.runs_on_cpu()
+
+
+def test_prepare_host_applies_only_on_the_cpu(monkeypatch):
+  """cpu_ops.prepare_host, the one place that chooses the malloc setting: nothing when JAX will not
+  run on the CPU."""
+  from keye_jax import cpu_ops
+  calls = []
+  monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+  assert not cpu_ops.prepare_host() and not calls
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert cpu_ops.prepare_host() and calls == [1]

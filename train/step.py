@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from keye_jax import batch_layout
+from keye_jax import batch_layout, ops
 from train.config import TrainConfig
 from train.losses.cross_entropy import cross_entropy_loss
 from train.model_state import ModelShape, batch_shardings, init_params, like_shardings
@@ -46,12 +46,6 @@ class StepFns:
   train_keys: list
   state_shardings: dict
   mesh: object
-
-
-# XLA CPU also hands elementwise ops to YNNPACK (its default is matmuls and reductions only), which
-# then runs the transposes, normalisations and activations around the matmuls: ~5% off the CPU step.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
-    "LIBRARY_FUSION_TYPE_" + t for t in ("DOT", "INDIVIDUAL_DOT", "REDUCE", "ELTWISE"))}
 
 
 def _nonzero(denom):
@@ -139,10 +133,9 @@ def make_step(cfg: TrainConfig, shape: ModelShape, mesh, num_sources: int, batch
   replicated = NamedSharding(mesh, P())
   state_shardings = dict(step=replicated, params=shardings, opt=like_shardings(opt_abstract, shardings, mesh),
                          rng=replicated, nonfinite=replicated, skipped=replicated)
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch_keys, mesh)),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,),
-                   compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
+                   compiler_options=ops.for_platform(mesh.devices.flat[0].platform).compiler_options)
 
   def run(state, batch):
     with jax.set_mesh(mesh):

@@ -1,13 +1,15 @@
 """The CPU paths' written-out gradients equal JAX's autodiff of the plain formulas: the matmul
-(`layers.rows_matmul`, which also keeps every matmul of its gradient on YNNPACK, XLA CPU's fast matmul
-library) and the RMSNorm."""
+(`cpu_ops.rows_matmul`, which also keeps every matmul of its gradient on YNNPACK, XLA CPU's fast matmul
+library) and the RMSNorm; and the platform's set is chosen in one place (keye_jax/ops.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keye_jax.layers import _rms_norm, _rms_norm_cpu, rows_matmul
+from keye_jax import ops
+from keye_jax.cpu_ops import rms_norm as _rms_norm_cpu, rows_matmul
+from keye_jax.ops import rms_norm_parts as _rms_norm
 
 
 @pytest.mark.parametrize("x_shape", [(2, 5, 16), (7, 16), (16,)])
@@ -64,3 +66,37 @@ def test_rms_norm_gradient_matches_autodiff(shape, dtype, tol):
   for a, b in zip(ours[1](dy), plain[1](dy)):
     assert a.shape == b.shape and a.dtype == b.dtype == dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_platform_set_is_chosen_by_the_compile_platform(monkeypatch):
+  """XLA CPU's set on the CPU, the plain maths for anything else (an AOT compile for a TPU topology from
+  a CPU host, where kernels.compile_platform() reads the TPU mesh in context)."""
+  import kernels
+  from keye_jax import cpu_ops
+  assert ops.for_platform("cpu") is cpu_ops.CPU and ops.for_platform("tpu") is ops.PLAIN
+  assert ops.current() is cpu_ops.CPU  # the tests run on the CPU
+  monkeypatch.setattr(kernels, "compile_platform", lambda: "tpu")
+  assert ops.current() is ops.PLAIN
+
+
+@pytest.mark.parametrize("causal,sq", [(True, 256), (True, 40), (False, 48)])
+def test_cpu_attention_matches_reference_autodiff(causal, sq):
+  """The CPU attention (written-out VJP; causal 256..block_q queries split in halves) gives the plain
+  reference's outputs and autodiff gradients, with packed segments, padding and grouped-query heads."""
+  from kernels.reference import xla_attention
+  from keye_jax import cpu_ops
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.normal(size=(2, sq, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, sq, 2, 16)), jnp.float32) for _ in range(2))
+  seg = np.ones((2, sq), np.int32)
+  seg[0, sq // 3:] = 2
+  seg[1, -7:] = 0  # padding
+  seg = jnp.asarray(seg)
+  dout = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  kw = dict(q_segment_ids=seg, kv_segment_ids=seg, causal=causal)
+  ours = jax.vjp(lambda q, k, v: cpu_ops.xla_attention(q, k, v, **kw), q, k, v)
+  plain = jax.vjp(lambda q, k, v: xla_attention(q, k, v, **kw), q, k, v)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-5, atol=1e-5)
+  for a, b in zip(ours[1](dout), plain[1](dout)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(cpu_ops.attention(q, k, v, impl="xla", **kw), ours[0])

@@ -20,8 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-import kernels
-from keye_jax.layers import rows_matmul
+from keye_jax import ops
 from keye_jax.sharding import constrain
 
 
@@ -57,16 +56,16 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
   # Every device computes all gathered tokens' logits for its slice of the vocabulary, so no device
   # holds the whole (D, V) kernel or its gradient, which is accumulated in the slice alone.
   kernel_dv = constrain(kernel_dv.astype(h_bsd.dtype), (None, "param_shards"))
-  gather = kernels.compile_platform() == "cpu"
+  platform = ops.current()
 
   def one(h, t):
     h = constrain(h, ("batch_replicas", None, None))
-    logits = rows_matmul(h, kernel_dv, preferred_element_type=jnp.float32)  # (B, S/n, V)
+    logits = platform.matmul(h, kernel_dv, preferred_element_type=jnp.float32)  # (B, S/n, V)
     if temperature != 1.0:
       logits = logits / temperature
     logits = constrain(logits, ("batch_replicas", None, "param_shards"))
     t = constrain(t, ("batch_replicas", None))
-    return constrain(token_cross_entropy(logits, t, z_loss, gather), ("batch", "length"))
+    return constrain(token_cross_entropy(logits, t, z_loss, platform), ("batch", "length"))
 
   if n == 1:
     # One chunk holds all the logits: recomputing them in the backward would cost a vocabulary-sized
@@ -77,39 +76,26 @@ def chunked_token_losses(h_bsd, kernel_dv, targets_bs, *, chunk: int, z_loss: fl
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def token_cross_entropy(logits, targets, z_loss: float, gather: bool):
+def token_cross_entropy(logits, targets, z_loss: float, platform: ops.Ops):
   """lse - logits[target] + z_loss * lse^2 per position: logits (..., V) fp32, targets (...) int32.
 
   The gradient is written out, softmax - one-hot, in one pass over the logits; autodiff of logsumexp
-  stores exp(logits - max) as a second vocabulary-sized array and reads both again. `gather` (the CPU)
-  picks the target logit with a gather and its gradient with a scatter, each a few thousand elements;
-  otherwise a masked sum, which stays local to each vocabulary slice when logits are split by vocabulary."""
-  return _xent_fwd(logits, targets, z_loss, gather)[0]
+  stores exp(logits - max) as a second vocabulary-sized array and reads both again. `platform` (an
+  ops.Ops) picks the target logit and subtracts the one-hot: a masked sum, which stays local to each
+  vocabulary slice when logits are split by vocabulary, or on the CPU a gather and a scatter."""
+  return _xent_fwd(logits, targets, z_loss, platform)[0]
 
 
-def _xent_fwd(logits, targets, z_loss, gather):
+def _xent_fwd(logits, targets, z_loss, platform):
   lse = jax.nn.logsumexp(logits, axis=-1)  # no autodiff here: its stored exponentials are never made
-  if gather:
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="clip")[..., 0]
-  else:
-    target_logit = jnp.sum(jnp.where(_is_target(logits, targets), logits, 0.0), axis=-1)
+  target_logit = platform.target_logit(logits, targets)
   return lse - target_logit + z_loss * jnp.square(lse), (logits, targets, lse)
 
 
-def _xent_bwd(z_loss, gather, res, g):
+def _xent_bwd(z_loss, platform, res, g):
   logits, targets, lse = res
   d = (g * (1.0 + 2.0 * z_loss * lse))[..., None] * jnp.exp(logits - lse[..., None])
-  if gather:
-    rows = d.reshape(-1, d.shape[-1])
-    rows = rows.at[jnp.arange(rows.shape[0]), targets.reshape(-1)].add(-g.reshape(-1), mode="clip")
-    d = rows.reshape(d.shape)
-  else:
-    d = d - jnp.where(_is_target(logits, targets), g[..., None], 0.0)
-  return d, None
-
-
-def _is_target(logits, targets):
-  return jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
+  return platform.subtract_at_target(d, targets, g), None
 
 
 token_cross_entropy.defvjp(_xent_fwd, _xent_bwd)
