@@ -20,6 +20,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels import splash  # noqa: E402
 
 
 def tpu_mesh(topology: str) -> Mesh:
@@ -35,8 +36,10 @@ def compile_attention_step(mesh: Mesh, *, seq: int, q_heads: int, kv_heads: int,
 
   def local(q, k, v, segment_ids):
     def loss(q, k, v):
-      out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                              causal=causal, impl=impl, block_q=block, block_kv=block, interpret=False)
+      kw = dict(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=causal, block_q=block,
+                block_kv=block, interpret=False)
+      # splash: JAX's splash attention, the benchmarks' comparison baseline (not a model choice).
+      out = splash.splash_attention(q, k, v, **kw) if impl == "splash" else kernels.attention(q, k, v, impl=impl, **kw)
       return jnp.sum(out.astype(jnp.float32)), out
     grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
     return (out, *grads)

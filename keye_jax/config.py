@@ -81,6 +81,7 @@ class VisionConfig:
   layer_norm_eps: float = 1e-6
   spatial_merge_size: int = 2
   rope_theta: float = 10000.0
+  position_init_std: float = 0.0  # std of a fresh position table; 0: SigLIP's 1/sqrt(hidden_size)
 
   @property
   def head_dim(self) -> int:
@@ -110,10 +111,10 @@ class KeyeConfig:
   eos_token_id: int = 151645
   # How the model runs.
   scan_layers: bool = True
-  remat: str = "none"  # none | full | dots | dots_no_batch
+  remat: str = "none"  # none | full | dots
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype: bfloat16 for training/serving on TPU
-  attention_impl: str = "auto"  # auto | xla | pallas | splash
+  attention_impl: str = "auto"  # auto | xla | pallas
 
 
 # --------------------------------------------------------------------------------------------------

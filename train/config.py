@@ -60,7 +60,6 @@ class DistributedConfig:
   coordinator_address: str = ""
   num_processes: int = 0
   process_id: int = -1
-  cpu_collectives: str = "gloo"  # for multi-process CPU runs (tests)
 
 
 @dataclasses.dataclass(frozen=True)

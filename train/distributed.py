@@ -27,7 +27,7 @@ def initialize(cfg: DistributedConfig) -> None:
       raise ValueError("multi-process training needs distributed.coordinator_address and distributed.process_id "
                        "(or KEYE_COORDINATOR / KEYE_PROCESS_ID)")
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # multi-process CPU runs (tests)
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
   else:
     return

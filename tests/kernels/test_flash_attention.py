@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels import splash
 from kernels.block_tables import default_positions, visit_mask
 from tests.kernels import segment_layouts
 
@@ -112,8 +113,8 @@ def test_kv_cache_decoding_on_the_pallas_path():
 def test_splash_baseline_matches_reference():
   seg = jnp.asarray(np.stack([segment_layouts.padding_at_end(S)]))
   q, k, v, _ = _inputs(1, S, 2, 1, 72, jnp.float32, seed=5)
-  got = kernels.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl="splash",
-                          block_q=128, block_kv=128)
+  got = splash.splash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, block_q=128,
+                                block_kv=128, interpret=True)
   ref = kernels.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl="xla")
   assert _max_diff(got, ref) <= 1e-4
 
