@@ -53,7 +53,7 @@ def workload(seed: int, vocab: int):
   """Prompts (16 arrays of 64-192 ids) and drawn response lengths (16, 8), long-tailed in [4, 512]."""
   rng = np.random.default_rng(seed)
   prompts = [rng.integers(10, vocab, int(n)).astype(np.int32) for n in rng.integers(64, 193, PROMPTS)]
-  lengths = np.clip(rng.lognormal(np.log(40), 1.0, (PROMPTS, G)), 4, MAX_LEN).astype(int)
+  lengths = np.clip(rng.lognormal(np.log(40 * MAX_LEN / 512), 1.0, (PROMPTS, G)), 4, MAX_LEN).astype(int)
   lengths[rng.integers(0, PROMPTS, 2), rng.integers(0, G, 2)] = MAX_LEN    # the tail reaches the limit
   return prompts, lengths
 
@@ -114,12 +114,13 @@ def build_tunix(hf, t: TextConfig, cache_size: int):
 
 
 def run_tunix(sampler, prompts, lengths, batch: int, vocab: int):
-  """All samples in static batches of `batch` (whole groups, in order), each run to its longest sample."""
+  """All samples in static batches of `batch` (whole groups, in order), each run to its longest sample
+  rounded up to a multiple of 64 (every step count is a compile in Tunix: this bounds them to 8)."""
   texts = [" ".join(map(str, p)) for p in prompts for _ in range(G)]
   flat = lengths.reshape(-1)
   out = []
   for start in range(0, len(texts), batch):
-    steps = int(flat[start:start + batch].max())
+    steps = -(-int(flat[start:start + batch].max()) // 64) * 64
     res = sampler(texts[start:start + batch], max_generation_steps=steps, max_prompt_length=256,
                   temperature=1.0, top_p=1.0, seed=start, eos_tokens=[vocab], pad_output=True)
     out += [np.asarray(tk)[:n] for tk, n in zip(res.tokens, flat[start:start + batch])]
@@ -149,12 +150,16 @@ def timed(fn):
 
 
 def main():
+  global PROMPTS, MAX_LEN
   ap = argparse.ArgumentParser()
   ap.add_argument("--slots", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--tunix-batches", default="8,128")
   ap.add_argument("--no-image", action="store_true")
+  ap.add_argument("--prompts", type=int, default=PROMPTS, help="smaller workloads for a quick look only")
+  ap.add_argument("--max-len", type=int, default=MAX_LEN, help="(the tail's limit; the median scales with it)")
   args = ap.parse_args()
+  PROMPTS, MAX_LEN = args.prompts, args.max_len
 
   t = TextConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
                  num_kv_heads=4, head_dim=64, rope_theta=10000.0, mrope_section=(32, 0, 0))
@@ -174,11 +179,13 @@ def main():
   engine = RolloutEngine(model, slots=args.slots, stop_token_ids=())
   compile_ours, first = timed(lambda: engine.generate(reqs))
   assert [len(g.tokens) for grp in first for g in grp] == lengths.reshape(-1).tolist()
+  print(f"ours, first call (compiles): {compile_ours:.1f} s", flush=True)
   tunix_batches = [int(b) for b in args.tunix_batches.split(",") if b]
   tunix = build_tunix(hf, t, cache_size=256 + MAX_LEN)
   compile_tunix = {}
   for b in tunix_batches:
     compile_tunix[b], _ = timed(lambda: run_tunix(tunix, prompts, lengths, b, t.vocab_size))
+    print(f"Tunix batch {b}, first pass (compiles): {compile_tunix[b]:.1f} s", flush=True)
 
   # Same weights: greedy continuations of one prompt agree.
   greedy = engine.generate([Request(Prompt(prompts[0]), SamplingParams(max_new_tokens=16, stop_token_ids=()))])
@@ -190,8 +197,10 @@ def main():
   for _ in range(args.repeats):
     secs, out = timed(lambda: engine.generate(reqs))
     ours_s.append(secs)
+    print(f"  ours {useful / secs:.1f} tokens/s", flush=True)
     for b in tunix_batches:
       tunix_s[b].append(timed(lambda: run_tunix(tunix, prompts, lengths, b, t.vocab_size))[0])
+      print(f"  Tunix batch {b}: {useful / tunix_s[b][-1]:.1f} tokens/s", flush=True)
   ours = useful / min(ours_s)
   tunix_rates = {b: useful / min(s) for b, s in tunix_s.items()}
   best_b = max(tunix_rates, key=tunix_rates.get)
