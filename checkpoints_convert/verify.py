@@ -111,10 +111,14 @@ def _import_reference():
 
 
 def check_loading(info: dict, model, hf_dir: str) -> None:
-  """Refuses a reference whose weights or non-persistent buffers were not all loaded/initialised."""
+  """Refuses a reference whose weights or non-persistent buffers were not all loaded/initialised. The
+  release's tensors that the model does not use (rules.UNUSED_PATTERNS) may be unexpected to its code."""
+  from checkpoints_convert.rules import canonical_name, is_unused
   problems = []
   for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mismatched")):
     names = sorted(str(k if isinstance(k, str) else k[0]) for k in (info or {}).get(key) or [])
+    if key == "unexpected_keys":
+      names = [n for n in names if not is_unused(canonical_name(n))]
     if names:
       problems.append(f"{len(names)} {what} weights ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
   # Non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: a loader that builds the

@@ -140,6 +140,7 @@ def test_verify_hf_dir_runs_the_checkpoints_own_code(released, tmp_path):
                                                "AutoModelForCausalLM": "modeling_fake_keye.FakeKeye"})
   (hf / "config.json").write_text(json.dumps(cfg))
   to_orbax(str(d / "hf"), str(tmp_path / "orbax"))
-  rc, result, err = _keye("verify", str(tmp_path / "orbax"), "--hf-dir", str(hf), "--atol", "1e-4")
+  rc, result, err = _keye("verify", str(tmp_path / "orbax"), "--hf-dir", str(hf), "--trust-remote-code",
+                         "--atol", "1e-4")
   assert rc == 0, err[-3000:]
   assert result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0, result
