@@ -63,17 +63,18 @@ class Sample:
 
 
 class SamplerBackend:
-  """Traces from keye_jax.generate.Sampler: each prompt is repeated n times in one batch (rows draw
-  independently), seeded per call."""
+  """Traces from the rollout engine (keye_jax.rollout): each prompt's vision and prefill run once for its
+  n samples, which share the decode slots with every other prompt's; request i of a call is seeded
+  (seed, i), so a prompt's traces depend only on the call's seed and its place in the call."""
 
   def __init__(self, model, tokenizer, *, vision_kwargs=None, max_new_tokens=256, temperature=0.8, top_k=0,
-               top_p=1.0):
-    from keye_jax.generate import Sampler
+               top_p=1.0, slots: int = 64):
+    from keye_jax.rollout import RolloutEngine
     self.tokenizer = tokenizer
-    self.sampler = Sampler(model, tokenizer)
+    self.engine = RolloutEngine(model, tokenizer, slots=slots)
     self.vision_kwargs = dict(vision_kwargs or {})
     self.opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    self.stop = set(self.sampler.stop_token_ids) if hasattr(self.sampler, "stop_token_ids") else set()
+    self.stop = set(self.engine.stop_token_ids)
 
   def _prompt(self, messages, base_dir):
     from keye_jax.generate import Prompt
@@ -85,13 +86,15 @@ class SamplerBackend:
   def generate(self, requests: Sequence[tuple[list[dict], str | None]], n: int, seed: int,
                **overrides) -> list[list[Sample]]:
     from keye_jax.generate import SamplingParams
-    prompts = [self._prompt(m, b) for m, b in requests]
-    params = SamplingParams(seed=seed, **{**self.opts, **overrides})
-    gens = self.sampler.generate([p for p in prompts for _ in range(n)], params)
+    from keye_jax.rollout import Request
+    opts = {**self.opts, **overrides}
+    seeds = np.random.SeedSequence(seed).generate_state(len(requests)) >> 1
+    reqs = [Request(self._prompt(m, b), SamplingParams(seed=int(s), **opts), n=n)
+            for (m, b), s in zip(requests, seeds)]
     out = []
-    for i in range(len(requests)):
+    for group in self.engine.generate(reqs).groups:
       row = []
-      for g in gens[i * n:(i + 1) * n]:
+      for g in group:
         keep = [k for k, t in enumerate(g.tokens) if not (g.finish_reason == "stop" and k == len(g.tokens) - 1
                                                            and t in self.stop)]
         row.append(Sample(g.text, [g.tokens[k] for k in keep], [float(g.logprobs[k]) for k in keep],
