@@ -8,8 +8,8 @@ sampled tokens under the model at temperature 1, text, finish_reason, thinking, 
 
 Every prompt has its own seed, so its responses do not depend on which other prompts share the batch (or
 the process): what makes a run on two processes equal to a run on one, and a resumed run equal to an
-uninterrupted one. The engine is keye_jax.rollout.RolloutEngine when it exists, else the batch sampler
-(keye_jax.generate.Sampler) run once per prompt on G copies of it.
+uninterrupted one. The engine is keye_jax.rollout.RolloutEngine (vision and prefill once per prompt, its
+G samples in the shared decode slots).
 """
 
 from __future__ import annotations
@@ -19,32 +19,20 @@ import time
 import numpy as np
 
 from keye_jax.generate import Prompt, SamplingParams
+from keye_jax.rollout import Request, RolloutEngine
 
 
 class Rollouts:
   def __init__(self, shape, tokenizer, mesh, rl_cfg):
     self.shape, self.tokenizer, self.mesh, self.cfg = shape, tokenizer, mesh, rl_cfg
     self.engine = None
-    self.kind = None
     self.tokens = 0  # generated tokens so far
     self.seconds = 0.0
-
-  def _make(self, model):
-    try:
-      from keye_jax.rollout import RolloutEngine
-    except ImportError:
-      RolloutEngine = None
-    if RolloutEngine is not None:
-      self.kind = "engine"
-      return RolloutEngine(model, self.tokenizer, slots=self.cfg.slots, mesh=self.mesh)
-    from keye_jax.generate import Sampler
-    self.kind = "sampler"
-    return Sampler(model, self.tokenizer, mesh=self.mesh)
 
   def set_weights(self, params: dict):
     model = self.shape.build(params)
     if self.engine is None:
-      self.engine = self._make(model)
+      self.engine = RolloutEngine(model, self.tokenizer, slots=self.cfg.slots, mesh=self.mesh)
     else:
       self.engine.set_weights(model)
 
@@ -59,12 +47,7 @@ class Rollouts:
     t0 = time.perf_counter()
     if not prompts:
       return []
-    if self.kind == "engine":
-      from keye_jax.rollout import Request
-      out = self.engine.generate([Request(p, self.params(s), n=n) for p, s in zip(prompts, seeds)])
-      groups = [list(getattr(r, "generations", r)) for r in getattr(out, "results", out)]
-    else:
-      groups = [self.engine.generate([p] * n, self.params(s)) for p, s in zip(prompts, seeds)]
+    groups = self.engine.generate([Request(p, self.params(s), n=n) for p, s in zip(prompts, seeds)]).groups
     self.seconds += time.perf_counter() - t0
     self.tokens += sum(len(g.tokens) for grp in groups for g in grp)
     return groups
