@@ -91,7 +91,7 @@ class IdTokenizer:
     return " ".join(str(int(i)) for i in ids)
 
   def bos_id(self):
-    return 1
+    return None                     # Tunix prepends a truthy BOS id: none, so both sides see the same ids
 
   def eos_id(self):
     return 2
