@@ -44,6 +44,7 @@ from keye_jax import checkpoint_io
 from keye_jax.config import ConfigError, from_dict, parse_override, path_field, read_yaml, resolve_path
 
 KINDS = ("pretrain", "sft", "rl", "rft")
+EVAL_SLOTS = 32  # decode slots of the evaluations between phases
 TRAINS = ("pretrain", "sft", "rl")
 
 
@@ -273,9 +274,10 @@ def _score(ev: EvalConfig, checkpoint: str | None, tokenizer_dir: str, out_dir: 
   tokenizer = load_tokenizer(tokenizer_dir)
   if checkpoint:
     result = run_eval(None, tokenizer, ev.benchmark, ev.data, out_dir, max_new_tokens=ev.max_new_tokens or None,
-                      checkpoint=checkpoint, load_model=lambda: (checkpoint_io.load_model(checkpoint)[1], tokenizer))
+                      batch_size=EVAL_SLOTS, checkpoint=checkpoint, load_model=lambda: (checkpoint_io.load_model(checkpoint)[1], tokenizer))
   else:
-    result = run_eval(initial, tokenizer, ev.benchmark, ev.data, out_dir, max_new_tokens=ev.max_new_tokens or None)
+    result = run_eval(initial, tokenizer, ev.benchmark, ev.data, out_dir, max_new_tokens=ev.max_new_tokens or None,
+                      batch_size=EVAL_SLOTS)
   with open(os.path.join(out_dir, "results.json")) as f:
     cats = json.load(f).get("categories", {}).get("category", {})
   return {"accuracy": float(result["accuracy"]), "categories": {c: v["accuracy"] for c, v in cats.items()}}

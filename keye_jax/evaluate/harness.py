@@ -167,9 +167,9 @@ def run_eval(model, tokenizer, benchmark: str, data_path: str, out_dir: str, *, 
   `checkpoint` identifies the model (`checkpoint_identity(path)`); predictions already in `out_dir` are
   reused only when they were made by the same checkpoint and settings. `limit` scores the first N items.
   `judge(prompt, image_paths) -> reply` (or `judge_cmd`, a shell command) grades judge benchmarks.
-  `encode(messages) -> Prompt` and `sampler` default to the processing chat template and a `Sampler` over
-  `mesh`; tests pass their own. `load_model() -> (model, tokenizer)` (with model=None) loads the model only
-  once the data has loaded and something is left to generate."""
+  `encode(messages) -> Prompt` and `sampler` default to the processing chat template and the rollout
+  engine over `mesh` with `batch_size` slots; tests pass their own. `load_model() -> (model, tokenizer)`
+  (with model=None) loads the model only once the data has loaded and something is left to generate."""
   mod = adapter(benchmark)
   if limit is not None and limit < 1:
     raise ValueError(f"--limit must be at least 1, got {limit}")
@@ -200,9 +200,22 @@ def run_eval(model, tokenizer, benchmark: str, data_path: str, out_dir: str, *, 
     raise
 
 
+class _EngineSampler:
+  """`generate(prompts, params) -> [Generation]` through the rollout engine: a row that has finished
+  (a one-letter answer) hands its slot to the next prompt instead of waiting for the batch's longest."""
+
+  def __init__(self, model, tokenizer, slots: int, mesh):
+    from keye_jax.rollout import RolloutEngine
+    self.engine = RolloutEngine(model, tokenizer, slots=slots, mesh=mesh)
+
+  def generate(self, prompts, params):
+    from keye_jax.rollout import Request
+    return [group[0] for group in self.engine.generate([Request(p, params) for p in prompts]).groups]
+
+
 def _run(mod, model, tokenizer, data_path, out_dir, key, *, batch_size, limit, sampler, encode, mesh, judge,
          overwrite, load_model, log) -> dict:
-  from keye_jax.generate import Sampler, SamplingParams, encode_messages
+  from keye_jax.generate import SamplingParams, encode_messages
   items: list[Item] = mod.load(data_path, os.path.join(out_dir, "media"))
   if not items:
     raise ValueError(f"no {mod.NAME} items in {data_path}")
@@ -223,7 +236,7 @@ def _run(mod, model, tokenizer, data_path, out_dir, key, *, batch_size, limit, s
   thinking, vision_kwargs = key["thinking"], key["vision_kwargs"]
   if todo and model is None and sampler is None and load_model is not None:
     model, tokenizer = load_model()
-  sampler = sampler or (Sampler(model, tokenizer, mesh=mesh) if todo else None)
+  sampler = sampler or (_EngineSampler(model, tokenizer, batch_size, mesh) if todo else None)
   encode = encode or (lambda messages: encode_messages(messages, tokenizer, thinking=thinking, **vision_kwargs))
   score_fn = getattr(mod, "score", scoring.score)
   params = SamplingParams(max_new_tokens=key["max_new_tokens"], temperature=key["temperature"])
