@@ -3,7 +3,8 @@ on keye_jax.evaluate's extractors; math answers by HuggingFace's math-verify), t
 
   confidence  steps are sound when every step's confidence is at least `min_step_confidence`;
   model       a checkpoint run by our sampler with a judging prompt; "correct" (and not "incorrect") = sound;
-  command     an external program: one JSON object per line on stdin
+  command     an external program (a leading `python` is the interpreter keye runs under): one JSON object
+              per line on stdin
               {"id", "question", "reference", "thinking", "answer"}, one per line on stdout {"id", "steps_ok"}.
 
 Grades: A (keep) answer right and steps sound; B (fixable) exactly one of the two fails, or the trace was
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 
 from train.rewards.rule import score_answer
 
@@ -52,7 +54,10 @@ def judge_command(traces, prompts, command: str) -> list[bool]:
   lines = [json.dumps({"id": t["id"], "question": prompts[t["prompt_id"]]["question"],
                        "reference": prompts[t["prompt_id"]]["answer"], "thinking": t["thinking"], "answer": t["answer"]})
            for t in traces]
-  proc = subprocess.run(shlex.split(command), input="\n".join(lines) + "\n", capture_output=True, text=True)
+  argv = shlex.split(command)
+  if argv and argv[0] in ("python", "python3"):
+    argv[0] = sys.executable  # the interpreter keye runs under, with this project importable
+  proc = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True)
   if proc.returncode != 0:
     raise RuntimeError(f"judge command {command!r} exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
   verdicts = {}
