@@ -110,9 +110,30 @@ def _import_reference():
   return torch, transformers
 
 
-def check_loading(info: dict, model, hf_dir: str) -> None:
+def buffers_as_built(model) -> dict:
+  """Name -> value of the model's non-persistent floating-point buffers as its own __init__ computes them:
+  the class built again from its config with every parameter moved to the meta device as it is registered
+  (one module's parameters exist at a time), buffers real."""
+  import torch
+  register = torch.nn.Module.register_parameter
+
+  def to_meta(module, name, param):
+    register(module, name, param)
+    if param is not None:
+      module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+  torch.nn.Module.register_parameter = to_meta
+  try:
+    fresh = type(model)(model.config)
+  finally:
+    torch.nn.Module.register_parameter = register
+  persistent = set(fresh.state_dict())
+  return {n: b for n, b in fresh.named_buffers() if n not in persistent and b.is_floating_point()}
+
+
+def check_loading(info: dict, model, hf_dir: str, built: dict | None = None) -> None:
   """Refuses a reference whose weights or non-persistent buffers were not all loaded/initialised. The
-  release's tensors that the model does not use (rules.UNUSED_PATTERNS) may be unexpected to its code."""
+  release's tensors that the model does not use (rules.UNUSED_PATTERNS) may be unexpected to its code.
+  `built`: the non-persistent buffers as the model's __init__ computes them (`buffers_as_built`)."""
   from checkpoints_convert.rules import canonical_name, is_unused
   problems = []
   for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mismatched")):
@@ -121,14 +142,21 @@ def check_loading(info: dict, model, hf_dir: str) -> None:
       names = [n for n in names if not is_unused(canonical_name(n))]
     if names:
       problems.append(f"{len(names)} {what} weights ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-  # Non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: a loader that builds the
-  # model on the meta device must recompute them. Left as raw memory they read as non-finite or all-zero.
+  # Non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: transformers builds the
+  # model on the meta device and gives them raw memory (torch.empty), which only a module its
+  # _init_weights knows gets recomputed. Compared with the values __init__ computes; without those,
+  # raw memory is caught only when it reads as non-finite or all-zero.
+  import torch
   persistent = set(model.state_dict())
   bad_buffers = []
   for name, buf in model.named_buffers():
     if name in persistent or not buf.is_floating_point() or buf.numel() == 0:
       continue
     if buf.device.type == "meta" or not bool(buf.isfinite().all()) or not bool(buf.abs().sum() > 0):
+      bad_buffers.append(name)
+    elif built is not None and name in built and (
+        built[name].shape != buf.shape
+        or not torch.allclose(buf.double(), built[name].double(), rtol=1e-5, atol=0)):
       bad_buffers.append(name)
   if bad_buffers:
     problems.append(f"uninitialised buffers ({', '.join(bad_buffers[:3])}{', ...' if len(bad_buffers) > 3 else ''})")
@@ -146,7 +174,7 @@ def golden_from_hf(hf_dir: str, cfg, seed: int = 0) -> dict:
       hf_dir, trust_remote_code=True, local_files_only=True, torch_dtype=torch.float32,
       output_loading_info=True)
   model = model.eval()
-  check_loading(info, model, hf_dir)
+  check_loading(info, model, hf_dir, buffers_as_built(model))
   p = cfg.vision.patch_size
   image_grid = np.array([[1, 4, 6]])                 # 6 merged tokens
   video_grid = np.array([[1, 4, 4], [1, 2, 2]])      # a 4-token frame, then a 1-token frame
