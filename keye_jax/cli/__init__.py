@@ -272,10 +272,9 @@ def main(argv: list[str] | None = None) -> int:
       args.overrides = list(args.overrides) + extra
     else:
       parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  if args.command == "train":
-    from keye_jax import host_memory
-    if host_memory.runs_on_cpu():
-      host_memory.keep_freed_memory()  # before the command creates JAX's CPU client
+  if args.command in ("train", "rl"):
+    from keye_jax import cpu_ops
+    cpu_ops.prepare_host()  # before the command creates JAX's CPU client
   try:
     return args.fn(args)
   except KeyboardInterrupt:

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keye_jax import batch_layout
+
 from train.losses.cross_entropy import token_logprobs
 from train.model_state import batch_shardings
 from train.rl.loss import policy_loss
@@ -62,14 +64,7 @@ def make_ref_logprobs(shape, mesh, batch_keys, chunk: int):
 
 def to_global(batch: dict, mesh) -> dict:
   """This process's rows (numpy) -> global jax.Arrays with the rows of every process, sharded on the mesh."""
-  sh = batch_shardings(list(batch), mesh)
-  n = jax.process_count()
-  out = {}
-  for k, v in batch.items():
-    shape = list(v.shape)
-    shape[1 if k == "position_ids" else 0] *= n
-    out[k] = jax.make_array_from_process_local_data(sh[k], np.asarray(v), tuple(shape))
-  return out
+  return batch_layout.to_global({k: np.asarray(v) for k, v in batch.items()}, mesh)
 
 
 def local_rows(x) -> np.ndarray:
