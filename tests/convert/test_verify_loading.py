@@ -16,8 +16,9 @@ from safetensors.numpy import load_file, save_file
 
 from checkpoints_convert import CheckpointError
 from checkpoints_convert.verify import check_loading, golden_from_hf
+from keye_jax import config as config_lib
 from tests.convert.keye_reference import KeyeReference
-from tests.convert.test_full_model import CFG, _hf_config
+from tests.convert.test_full_model import CFG
 
 REMOTE_CODE = os.path.join(os.path.dirname(__file__), "remote_code", "modeling_fake_keye.py")
 
@@ -71,7 +72,8 @@ def test_check_loading_names_what_is_missing_unexpected_or_unfilled():
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
   d = tmp_path_factory.mktemp("keye") / "hf"
-  KeyeReference(CFG).save_released(str(d), _hf_config())
+  hf_config = config_lib.to_hf_config(CFG, {"architectures": ["KeyeVL1_5ForConditionalGeneration"]})
+  KeyeReference(CFG).save_released(str(d), json.loads(json.dumps(hf_config)))
   return d
 
 
