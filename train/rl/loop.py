@@ -31,10 +31,9 @@ import jax
 import numpy as np
 import yaml
 
-from keye_jax.config import to_dict
 from keye_jax.sharding import make_mesh
 from train import distributed
-from train.checkpointing import Checkpointer
+from train.checkpointing import Checkpointer, write_run_files
 from train.metrics import MetricsWriter, read_metrics
 from train.model_state import ModelShape
 from train.rl import hinting
@@ -84,9 +83,7 @@ class RLRun:
     self.primary = jax.process_index() == 0
     self.run_dir = os.path.abspath(cfg.run_dir)
     if self.primary:
-      os.makedirs(self.run_dir, exist_ok=True)
-      with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+      write_run_files(cfg, self.run_dir)  # config and tokenizer: the run dir is a checkpoint every command reads
     if not cfg.tokenizer:
       raise ValueError("rl: `tokenizer` is empty (the prompts are tokenised with it)")
     if not cfg.data.sources:
