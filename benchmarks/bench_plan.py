@@ -1,6 +1,6 @@
 """The README's TPU-fit table through `keye plan`: each row's 8B config compiled ahead of time for its
-v5p slice through libtpu (no TPU needed), one `keye plan` process at a time (minutes and ~2 GB of host
-memory each).
+v5p slice through libtpu (no TPU needed), one `keye plan` process at a time (5-17 minutes and up to 4.4 GiB
+of host memory each on the loaded 2-core machine; 27 minutes for the three).
 
   .venv/bin/python benchmarks/bench_plan.py [--only stage2 ...]
 
