@@ -15,7 +15,8 @@
 Kinds: `pretrain` chains stage YAMLs (`keye train`); `sft` is `keye train` with an SFT config, trained on
 the manifest `keye cot` just wrote (its `cot:` config) or an `rft` phase before it wrote: that manifest
 replaces the config's source named `cot` (or all its sources when none is named so); `rl` is `keye rl`
-(a second rl phase keeps only the prompts whose pass rate in the first was strictly in (0, 1)); `rft`
+(an rl phase on the same prompts as an earlier one keeps only those whose pass rate there was strictly
+in (0, 1)); `rft`
 is `keye cot` in mode rft. Each phase may add `overrides: [key.sub=value, ...]`. A schedule with only
 `stages:` is a single pretrain phase (the pre-training schedules).
 
@@ -147,7 +148,7 @@ class _Runner:
 
   def __init__(self, sched: ScheduleConfig, overrides, path: str):
     self.sched, self.overrides, self.path = sched, list(overrides), path
-    self.start, self.manifest, self.last_rl = sched.init_from, "", ""
+    self.start, self.manifest, self.last_rl, self.last_rl_sources = sched.init_from, "", "", ()
     self.trained: list[str] = []  # run dirs in order, in RUN_DIR/schedule.json
 
   def done(self, run_dir: str) -> None:
@@ -212,15 +213,18 @@ class _Runner:
     from train.rl.loop import train_rl
     run_dir = self.phase_dir(ph)
     extra = [f"run_dir={run_dir}"] + ([f"init_from={self.start}"] if self.start else [])
-    if self.last_rl:
-      extra.append(f"rl.pass_rates_from={self.last_rl}")
     cfg = load_rl_config(ph.config, [*ph.overrides, *extra, *self.overrides])
+    sources = tuple(s.path for s in cfg.data.sources)
+    if self.last_rl and sources == self.last_rl_sources:
+      # A new round on the same prompts keeps those whose pass rate there was strictly in (0, 1); an RL
+      # phase on other prompts (alignment after reasoning RL) starts unfiltered.
+      cfg = load_rl_config(ph.config, [*ph.overrides, *extra, f"rl.pass_rates_from={self.last_rl}", *self.overrides])
     print(f"=== {ph.name}: RL, {cfg.steps} steps ===", file=sys.stderr, flush=True)
     s0 = time.time()
     result = train_rl(cfg)
     if result.get("preempted"):
       return {"preempted": result}
-    self.last_rl = run_dir
+    self.last_rl, self.last_rl_sources = run_dir, sources
     self.done(run_dir)
     return {"runs": [(ph.name, result["final_step"], None, None, time.time() - s0)],
             "reward": _finite(result.get("reward_after"))}
