@@ -95,15 +95,16 @@ class TrainConfig:
       raise ConfigError(f"loss={self.loss!r} is not one of cross_entropy, mpo")
 
 
-def load_train_config(path: str, overrides=()) -> TrainConfig:
-  """TrainConfig from a stage YAML: the file's own `overrides:`, then `overrides`."""
+def load_train_config(path: str, overrides=(), cls: type = TrainConfig):
+  """`cls` (TrainConfig, or a subclass such as the RL run config) from a stage YAML: the file's own
+  `overrides:`, then `overrides`."""
   data = read_yaml(path)
   own = data.pop("overrides", ()) or ()
   base = os.path.dirname(os.path.abspath(path))
   try:
     if not isinstance(own, (list, tuple)):
       raise ConfigError("overrides: expected a list of key.sub=value strings")
-    cfg = apply_overrides(from_dict(TrainConfig, data, base_dir=base), list(own), base_dir=base)
+    cfg = apply_overrides(from_dict(cls, data, base_dir=base), list(own), base_dir=base)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
   return apply_overrides(cfg, list(overrides))

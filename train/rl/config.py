@@ -25,11 +25,10 @@ responses in the worst case (every prompt `rl.max_prompt_len` tokens, every resp
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
-from keye_jax.config import ConfigError, apply_overrides, from_dict, path_field, read_yaml
-from train.config import TrainConfig
+from keye_jax.config import ConfigError, path_field, read_yaml
+from train.config import TrainConfig, load_train_config
 
 VARIANTS = ("gspo", "gspo_token", "grpo")
 # (eps_low, eps_high) per variant when the config leaves them at 0: the GSPO paper's and PPO's.
@@ -140,13 +139,4 @@ def is_rl_config(path: str) -> bool:
 
 def load_rl_config(path: str, overrides=()) -> RLRunConfig:
   """RLRunConfig from an RL YAML: the file's own `overrides:`, then `overrides`."""
-  data = read_yaml(path)
-  own = data.pop("overrides", ()) or ()
-  base = os.path.dirname(os.path.abspath(path))
-  try:
-    if not isinstance(own, (list, tuple)):
-      raise ConfigError("overrides: expected a list of key.sub=value strings")
-    cfg = apply_overrides(from_dict(RLRunConfig, data, base_dir=base), list(own), base_dir=base)
-  except ConfigError as e:
-    raise ConfigError(f"{path}: {e}") from None
-  return apply_overrides(cfg, list(overrides))
+  return load_train_config(path, overrides, cls=RLRunConfig)
