@@ -76,6 +76,7 @@ def test_corrupt_media_only(tmp_path):
   one_line_error(keye("train", "t.yaml", cwd=tmp_path), "bad.jsonl")
 
 
+@pytest.mark.slow  # 17 s: two trainings in subprocesses
 def test_run_dir_of_another_model_and_steps_zero(tmp_path):
   write_config(tmp_path / "a.yaml", "run", steps=1)
   p = keye("train", "a.yaml", cwd=tmp_path)

@@ -4,10 +4,15 @@ carry the tokenizer, so generate reads them too, and greedy answers agree across
 
 import os
 
+import pytest
+
 from tests.cli.helpers import demo_tokenizer, keye, last_json
 from tests.train.helpers import TINY_MODEL, write_config
 
 
+# 51 s (every command in its own process); run dirs as inputs stay covered in CI by test_cli_eval_run_dir
+# and the merge tests.
+@pytest.mark.slow
 def test_run_dir_through_every_command_with_relative_paths(tmp_path):
   os.makedirs(tmp_path / "configs")
   demo_tokenizer(tmp_path / "configs" / "tok")

@@ -195,6 +195,7 @@ def test_slot_reuse_after_stop_strings(engine):
   assert cut.busy_slot_steps < free.busy_slot_steps
 
 
+@pytest.mark.slow  # 15 s; the Sampler set_weights test stays in CI
 def test_set_weights_changes_outputs_without_recompiling(model):
   from train.model_state import ModelShape
   engine = RolloutEngine(model, slots=2, stop_token_ids=(), **BUCKETS)
