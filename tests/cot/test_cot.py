@@ -272,3 +272,31 @@ def test_demo_config_loads():
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   cfg = load_cot_config(os.path.join(here, "configs", "demo", "cot.yaml"))
   assert cfg.thinking == "think" and cfg.manifests[0].name == "reasoning"
+
+
+def test_reviewer_command_repairs_the_queue_and_duplicates_are_kept_once(data, tokenizer, tmp_path):
+  # A reviewer that rewrites every queued trace of m1 into one repaired text and drops the rest.
+  reviewer = tmp_path / "reviewer.py"
+  reviewer.write_text(
+      "import json, sys\n"
+      "for line in sys.stdin:\n"
+      "  q = json.loads(line)\n"
+      "  fix = q['id'].startswith('mixed/m1')\n"
+      "  q.update(response='<think>\\n2 + 3 = 5\\n</think>\\n\\n5', decision='keep' if fix else 'drop', score=3)\n"
+      "  print(json.dumps(q))\n")
+  cfg = _cfg(data, reviewer=f"python {reviewer}", borderline_confidence=-0.05)   # every A is borderline too
+  result = run(cfg, backend=ScriptedBackend(tokenizer, script), process_index=0, process_count=1)
+  out = data / "out"
+  reviewed = [json.loads(l) for l in open(out / "review" / "reviewed.jsonl")]
+  assert len(reviewed) == result["review"]["queued"] > 2
+  assert result["review"]["kept"] == sum(r["decision"] == "keep" for r in reviewed) >= 2
+  sft = [json.loads(l) for l in open(out / "sft.jsonl")]
+  m1 = [r for r in sft if r["id"].startswith("mixed/m1")]
+  assert len(m1) == 1 and m1[0]["messages"][-1]["content"] == "<think>\n2 + 3 = 5\n</think>\n\n5"
+  # A failing reviewer is one clear error naming the command; nothing half-written is imported.
+  import shutil
+  shutil.rmtree(out / "review")
+  with pytest.raises(RuntimeError, match="reviewer command"):
+    run(_cfg(data, reviewer=f"{sys.executable} -c 'import sys; sys.exit(3)'"),
+        backend=ScriptedBackend(tokenizer, script), process_index=0, process_count=1)
+  assert not (out / "review" / "reviewed.jsonl").exists()

@@ -50,18 +50,25 @@ def judge_model(traces, prompts, texts_fn, template: str, max_new_tokens: int) -
   return out
 
 
+def run_command(command: str, lines: list[str], role: str) -> str:
+  """Runs `command` with `lines` (JSON) on stdin; its stdout. A leading `python` is the interpreter keye runs
+  under, with this project importable."""
+  argv = shlex.split(command)
+  if argv and argv[0] in ("python", "python3"):
+    argv[0] = sys.executable
+  proc = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{role} command {command!r} exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+  return proc.stdout
+
+
 def judge_command(traces, prompts, command: str) -> list[bool]:
   lines = [json.dumps({"id": t["id"], "question": prompts[t["prompt_id"]]["question"],
                        "reference": prompts[t["prompt_id"]]["answer"], "thinking": t["thinking"], "answer": t["answer"]})
            for t in traces]
-  argv = shlex.split(command)
-  if argv and argv[0] in ("python", "python3"):
-    argv[0] = sys.executable  # the interpreter keye runs under, with this project importable
-  proc = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True)
-  if proc.returncode != 0:
-    raise RuntimeError(f"judge command {command!r} exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+  stdout = run_command(command, lines, "judge")
   verdicts = {}
-  for n, line in enumerate(proc.stdout.splitlines(), 1):
+  for n, line in enumerate(stdout.splitlines(), 1):
     if not line.strip():
       continue
     try:

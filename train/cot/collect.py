@@ -86,7 +86,8 @@ def _prompt_of(record: dict, base_dir: str, source: str, kind: str, line: int):
   pid = str(record.get("id", f"{source}:{line}"))
   return {"id": f"{source}/{pid}", "source": source, "messages": messages[:last_user + 1], "answer": answer,
           "options": record.get("options"), "kind": kind or record.get("answer_kind") or None,
-          "base_dir": base_dir, "question": question_text(messages[:last_user + 1])}, None
+          "base_dir": base_dir, "question": question_text(messages[:last_user + 1]),
+          **({"solution": record["solution"]} if record.get("solution") else {})}, None
 
 
 def collect(manifests, *, min_task_size: int = 0, max_prompts: int = 0) -> tuple[list[dict], dict]:

@@ -53,6 +53,8 @@ class CotConfig:
   thinking: str = "think"             # the mode the prompts ask for: think | auto | no_think
   judge: JudgeConfig = JudgeConfig()
   borderline_confidence: float = -1.5  # A traces whose lowest step confidence is below go to review too
+  reviewer: str = ""                  # a command that reviews the queue: queue lines in, reviewed lines out
+                                      # ("" = a person edits review/reviewed.jsonl and reruns)
   upsample: int = 2                   # copies of each score 4-5 trace in the SFT manifest
   min_score: int = 3                  # traces scoring below are left out of the manifest
   vision: dict[str, Any] = dataclasses.field(default_factory=dict)   # encode_prompt keyword arguments (max_pixels, fps, ...)

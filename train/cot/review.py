@@ -2,6 +2,7 @@
 stronger model to repair; each line:
 
   {"id", "grade", "reason", "question", "reference", "response", "decision": null, "score": null}
+  (plus "solution", the record's worked solution, when its manifest has one)
 
 The reviewer edits `response` where needed and sets `decision` to "keep" or "drop" (optionally `score`
 1-5). Re-importing the edited file: a line whose decision is still null is pending (skipped and counted);
@@ -27,7 +28,8 @@ def export(assessed: list[dict], prompts: dict, path: str) -> int:
     for t in items:
       p = prompts[t["prompt_id"]]
       f.write(json.dumps({"id": t["id"], "grade": t["grade"], "reason": t["reason"], "question": p["question"],
-                          "reference": p["answer"], "response": t["text"], "decision": None, "score": None}) + "\n")
+                          "reference": p["answer"], "response": t["text"], "decision": None, "score": None,
+                          **({"solution": p["solution"]} if p.get("solution") else {})}) + "\n")
   return len(items)
 
 

@@ -8,7 +8,8 @@ Files in `out/`:
                          batches and samples the rest (each batch has its own seed, so the result does not
                          depend on where a run was interrupted); `.done` marks a finished shard
   assessed.jsonl         step 3 (host 0, once every shard is done)
-  review/queue.jsonl     step 4 export; review/reviewed.jsonl, when present, is imported
+  review/queue.jsonl     step 4 export; review/reviewed.jsonl, when present, is imported (written by the
+                         `reviewer` command when one is configured, else by a person)
   sft.jsonl              step 5: the SFT manifest; report.json, lengths.png, confidence.png
 RFT keeps the traces whose answer verifies (no judge, no review) and writes them the same way.
 """
@@ -196,6 +197,14 @@ def run(cfg, *, backend=None, process_index: int | None = None, process_count: i
     if not os.path.exists(queue):
       review.export(assessed, prompts, queue)
     done = os.path.join(cfg.out, "review", "reviewed.jsonl")
+    if cfg.reviewer and not os.path.exists(done):
+      print(f"[cot] step 4: {counts['queued']} traces to the reviewer {cfg.reviewer!r}", file=log, flush=True)
+      with open(queue) as f:
+        lines = [line.strip() for line in f if line.strip()]
+      reply = assess_mod.run_command(cfg.reviewer, lines, "reviewer") if lines else ""
+      with open(done + ".tmp", "w") as f:
+        f.write(reply)
+      os.replace(done + ".tmp", done)
     if os.path.exists(done):
       reviewed, c = review.import_reviewed(done, assessed, prompts)
       counts.update(c)

@@ -66,11 +66,12 @@ def write_manifest(kept: list[dict], scores: list[int], prompts: dict, path: str
                    min_score: int, mode: str = "think") -> int:
   """Writes the SFT manifest atomically; returns the number of records (upsampled copies included)."""
   out_dir = os.path.dirname(os.path.abspath(path))
-  n = 0
+  n, seen = 0, set()
   with open(path + ".tmp", "w") as f:
     for t, s in zip(kept, scores):
-      if s < min_score:
-        continue
+      if s < min_score or (t["prompt_id"], t["text"]) in seen:
+        continue                             # reviewers repair several samples into one text: keep it once
+      seen.add((t["prompt_id"], t["text"]))
       rec = sft_record(t, prompts[t["prompt_id"]], s, out_dir, mode)
       for copy in range(upsample if s >= 4 else 1):
         f.write(json.dumps({**rec, "id": rec["id"] if copy == 0 else f"{rec['id']}~{copy}"}) + "\n")
