@@ -67,7 +67,8 @@ def _allsum(values: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return values
   from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.float64))).sum(0)
+  # The gather goes through jax (float32 without x64): float64 again before summing, for json and exact counts.
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.float64)), np.float64).sum(0)
 
 
 class RLRun:

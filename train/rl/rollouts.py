@@ -10,13 +10,24 @@ Every prompt has its own seed, so its responses do not depend on which other pro
 the process): what makes a run on two processes equal to a run on one, and a resumed run equal to an
 uninterrupted one. The engine is keye_jax.rollout.RolloutEngine (vision and prefill once per prompt, its
 G samples in the shared decode slots).
+
+Several processes (multi-host): every process samples its own prompts, as many times as its hints need,
+so the engines cannot share one SPMD program over the global mesh. Each process runs its engine on a
+mesh of its own devices (`engine_mesh`, the trainer's axis names; see `hosts_mesh`). `set_weights` brings
+the parameters there with one jitted identity whose output sharding is their own spec on a (hosts, *local
+axes) view of the devices: every process then holds the whole model laid out as on its local mesh, and
+those device buffers become the local arrays as they are (`jax.make_array_from_single_device_arrays`), never
+through the host. That is a copy (a process's devices hold the whole model, not their 1/n share of it),
+made once per RL step. With one process none of this happens: the trainer's arrays are used in place.
 """
 
 from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from keye_jax.generate import Prompt, SamplingParams
 from keye_jax.rollout import Request, RolloutEngine
@@ -28,11 +39,26 @@ class Rollouts:
     self.engine = None
     self.tokens = 0  # generated tokens so far
     self.seconds = 0.0
+    self.engine_mesh = mesh
+    if jax.process_count() > 1:
+      hosts = hosts_mesh(mesh)
+      self.engine_mesh = Mesh(hosts.devices[jax.process_index()], mesh.axis_names)
+      specs = shape.specs(mesh.axis_names)
+      self._hosts_fn = jax.jit(lambda p: p, out_shardings={k: NamedSharding(hosts, s) for k, s in specs.items()})
+      self._local = {k: NamedSharding(self.engine_mesh, s) for k, s in specs.items()}
+
+  def local_params(self, params: dict) -> dict:
+    """The trainer's parameters (global arrays) as arrays on this process's engine mesh (same specs)."""
+    if self.engine_mesh is self.mesh:
+      return params
+    local = lambda k, x: jax.make_array_from_single_device_arrays(x.shape, self._local[k],
+                                                                  [s.data for s in x.addressable_shards])
+    return {k: local(k, x) for k, x in self._hosts_fn(params).items()}
 
   def set_weights(self, params: dict):
-    model = self.shape.build(params)
+    model = self.shape.build(self.local_params(params))
     if self.engine is None:
-      self.engine = RolloutEngine(model, self.tokenizer, slots=self.cfg.slots, mesh=self.mesh)
+      self.engine = RolloutEngine(model, self.tokenizer, slots=self.cfg.slots, mesh=self.engine_mesh)
     else:
       self.engine.set_weights(model)
 
@@ -51,6 +77,25 @@ class Rollouts:
     self.seconds += time.perf_counter() - t0
     self.tokens += sum(len(g.tokens) for grp in groups for g in grp)
     return groups
+
+
+def hosts_mesh(mesh: Mesh) -> Mesh:
+  """The devices of `mesh` as (hosts, *local axes): row h is process h's devices as a mesh with the same
+  axis names, tensor and context as in `mesh`, fsdp the largest divisor of `mesh`'s fsdp that fits, data
+  the rest (so a parameter dimension split over an axis of `mesh` splits evenly over the local one too)."""
+  n = jax.process_count()
+  rows = [[d for d in mesh.devices.flat if d.process_index == p] for p in range(n)]
+  per = len(rows[0])
+  sizes = dict(mesh.shape)
+  model = sizes.get("tensor", 1) * sizes.get("context", 1)
+  if any(len(r) != per for r in rows) or per % model:
+    raise ValueError(f"rl: the rollout engine runs on each process's own devices, but mesh {sizes} over "
+                     f"{n} processes of {[len(r) for r in rows]} devices splits tensor x context = {model} "
+                     "over hosts")
+  local = dict(sizes, fsdp=int(np.gcd(sizes.get("fsdp", 1), per // model)))
+  local["data"] = per // (model * local["fsdp"])
+  shape = [local.get(a, 1) for a in mesh.axis_names]
+  return Mesh(np.asarray(rows).reshape(n, *shape), ("hosts", *mesh.axis_names))
 
 
 def to_prompt(p: dict) -> Prompt:
