@@ -11,6 +11,7 @@ against the current directory. Loaded configs hold absolute paths.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -269,6 +270,8 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], base_dir: st
   """Applies `a.b.c=value` strings (values parsed as YAML scalars/lists) to a frozen config. Relative
   paths in them resolve against `base_dir`, by default the current directory (command-line overrides)."""
   base_dir = base_dir or os.getcwd()
+  if not overrides:
+    return cfg
   for item in overrides:
     key, raw = parse_override(item)
     try:
@@ -276,7 +279,22 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], base_dir: st
     except yaml.YAMLError as e:
       raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(e)}") from None
     cfg = _replace_path(cfg, key.split("."), value, key, base_dir)
-  return cfg
+  return _validated(cfg)
+
+
+def _unchecked_replace(cfg, name: str, value):
+  """`cfg` with one field changed and its checks not run yet: overrides that are only valid together
+  (a bigger batch for more prompts) are checked once, after the last (`_validated`)."""
+  new = copy.copy(cfg)
+  object.__setattr__(new, name, value)
+  return new
+
+
+def _validated(cfg):
+  """Re-runs every (nested) config's __post_init__ checks, innermost first."""
+  changes = {f.name: _validated(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+             if dataclasses.is_dataclass(getattr(cfg, f.name))}
+  return dataclasses.replace(cfg, **changes)
 
 
 def parse_override(item: str) -> tuple[str, str]:
@@ -305,11 +323,11 @@ def _replace_path(cfg, parts: list[str], value, full_key: str, base_dir: str):
       field = next(f for f in dataclasses.fields(cfg) if f.name == name)
       if isinstance(new, str) and _is_path(field, to_dict(cfg)):
         new = resolve_path(new, base_dir)
-    return dataclasses.replace(cfg, **{name: new})
+    return _unchecked_replace(cfg, name, new)
   child = getattr(cfg, name)
   if not dataclasses.is_dataclass(child):
     raise ConfigError(f"unknown config key {full_key} ({name!r} has no sub-keys)")
-  return dataclasses.replace(cfg, **{name: _replace_path(child, parts[1:], value, full_key, base_dir)})
+  return _unchecked_replace(cfg, name, _replace_path(child, parts[1:], value, full_key, base_dir))
 
 
 def load(cls: type[T], path: str, overrides: list[str] | tuple[str, ...] = ()) -> T:

@@ -50,3 +50,14 @@ def test_hf_config_round_trip():
   assert cfg.vision.num_layers == 27 and cfg.text.mrope_section == (16, 24, 24)
   back = c.to_hf_config(cfg, hf)
   assert json.loads(json.dumps(back)) == hf | {"hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645}
+
+
+def test_overrides_valid_only_together_are_checked_once_after_the_last():
+  """More prompts per RL step need more rows: each override alone fails the config's checks, both pass."""
+  from train.rl.config import load_rl_config
+  cfg = load_rl_config("configs/demo/rl.yaml", ["rl.prompts_per_step=32", "data.batch_size=64"])
+  assert (cfg.rl.prompts_per_step, cfg.data.batch_size) == (32, 64)
+  with pytest.raises(c.ConfigError, match="data.batch_size=32 rows cannot hold"):
+    load_rl_config("configs/demo/rl.yaml", ["rl.prompts_per_step=32"])
+  with pytest.raises(ValueError, match="variant"):
+    load_rl_config("configs/demo/rl.yaml", ["rl.variant=nope"])    # nested checks still run
