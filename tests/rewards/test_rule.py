@@ -93,3 +93,15 @@ def test_every_reward_is_registered():
   assert set(registry.names()) == {"answer", "think_format", "answer_present", "length_penalty", "json_format",
                                    "markdown_format", "code_block", "command", "ifeval", "judge", "pairwise",
                                    "grounded"}
+
+
+def test_a_task_mixture_rewards_each_prompt_by_its_own_reward():
+  """Instruction prompts (constraints, no reference) and reasoning prompts (a reference, no constraints) in
+  one RL stream: each reward scores the prompts it applies to and a constant elsewhere."""
+  mixed = registry.combine([{"name": "ifeval", "score": "fraction"}, {"name": "answer", "no_reference": 0.0}])
+  samples = [{"id": "i", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+             {"id": "r", "answer": "B", "options": ["one", "two", "three", "four"]}]
+  total, _ = mixed(samples, ["all lowercase here", "<think>\ntwo\n</think>\n\nB"])
+  np.testing.assert_allclose(total, [1.0, 1.0])
+  total, _ = mixed(samples, ["Not Lowercase", "<think>\none\n</think>\n\nA"])
+  np.testing.assert_allclose(total, [0.0, 0.0])

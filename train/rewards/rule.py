@@ -67,11 +67,14 @@ def score_answer(response_text: str, reference, *, kind: str | None = None,
 
 @register("answer")
 def answer_reward(kind: str | None = None, rel_tol: float | None = None, abs_tol: float = 0.0,
-                  answer_key: str = "answer", kind_key: str = "answer_kind"):
+                  answer_key: str = "answer", kind_key: str = "answer_kind", no_reference: float | None = None):
   """Correctness of the final answer against `sample[answer_key]`; the kind from the config, else the
-  sample's `kind_key` field, else inferred. A sample without a reference is an error."""
+  sample's `kind_key` field, else inferred. A sample without a reference scores `no_reference` (a mixture
+  of tasks, each rewarded by its own reward) or, when that is not set, is an error."""
   def answer(sample: Mapping, response: str) -> float:
     if sample.get(answer_key) is None:
+      if no_reference is not None:
+        return float(no_reference)
       raise ValueError(f"answer reward: sample {sample.get('id', '?')!r} has no {answer_key!r} field")
     return score_answer(response, sample[answer_key], kind=kind or sample.get(kind_key),
                         options=sample.get("options"), rel_tol=rel_tol, abs_tol=abs_tol)
