@@ -300,3 +300,26 @@ def test_reviewer_command_repairs_the_queue_and_duplicates_are_kept_once(data, t
     run(_cfg(data, reviewer=f"{sys.executable} -c 'import sys; sys.exit(3)'"),
         backend=ScriptedBackend(tokenizer, script), process_index=0, process_count=1)
   assert not (out / "review" / "reviewed.jsonl").exists()
+
+
+def test_sampler_backend_on_the_real_engine(data, tokenizer):
+  """keye cot's default backend: the rollout engine over a random tiny model with the demo tokenizer's ids.
+  A call's traces depend only on its seed; each Sample's tokens and log-probs line up, the stop token cut."""
+  from flax import nnx
+  from keye_jax import config as config_lib
+  from keye_jax.model import KeyeVL
+  from train.cot.traces import SamplerBackend
+  cfg = config_lib.load(config_lib.KeyeConfig, "configs/model/tiny.yaml")
+  backend = SamplerBackend(KeyeVL(cfg, rngs=nnx.Rngs(0)), tokenizer, max_new_tokens=6, temperature=1.0, slots=4)
+  image = [{"role": "user", "content": [{"type": "image", "image": "shapes.png"},
+                                        {"type": "text", "text": "How many red shapes? /think"}]}]
+  text = [{"role": "user", "content": "What is 2 + 3? /think"}]
+  requests = [(image, str(data)), (text, None)]
+  first = backend.generate(requests, 2, seed=11)
+  assert [len(row) for row in first] == [2, 2]
+  for row in first:
+    for s in row:
+      assert len(s.tokens) == len(s.logprobs) <= 6 and all(lp <= 0 for lp in s.logprobs)
+      assert not set(s.tokens) & backend.stop
+  again = backend.generate(requests, 2, seed=11)
+  assert [[s.tokens for s in row] for row in again] == [[s.tokens for s in row] for row in first]

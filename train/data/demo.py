@@ -5,10 +5,13 @@
   out_dir/train.jsonl, test.jsonl          manifests; media paths relative to out_dir
   out_dir/{train,test}_{image,video,reasoning,instruction}.jsonl   each split by kind (images and text;
                                            videos; reasoning and instruction prompts for SFT/RL, of which one
-                                           in PRETRAIN_SHARE also joins the image/video files)
+                                           in PRETRAIN_SHARE also joins the image/video files: instructions
+                                           as they are, reasoning answered directly in /no_think form)
   out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos (5-32 frames)
   out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
   out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
+  out_dir/{train,test}_pairs.jsonl         preference pairs from the instruction records (chosen obeys every
+                                           constraint, rejected breaks one; train/data/demo_pairs.py)
   out_dir/info.json                        counts per split and category
 
 Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x3 grid are 28 px):
@@ -350,6 +353,14 @@ def _message(user_content, answer) -> list[dict]:
           {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
+def _no_think(record: dict) -> dict:
+  """A reasoning record asked with /no_think and answered with an empty think block and the letter."""
+  user, _ = record["messages"]
+  content = [dict(e) for e in user["content"]]
+  content[-1]["text"] = content[-1]["text"].removesuffix(" /think") + " /no_think"
+  return {**record, "messages": _message(content, f"<think>\n\n</think>\n\n{record['answer']}")}
+
+
 def _records(split: str, counts: dict[str, int], rng: random.Random, media_dir: str, out_dir: str):
   """Yields (record, {relative media path: bytes}) for one split, categories interleaved at random."""
   b = _Builder(rng)
@@ -422,11 +433,13 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
         is_video = any(e["type"] == "video" for e in record["messages"][0]["content"])
         if category in ("reasoning", "instruction"):
           by_modality[category].append(line)
-          # A share also joins pre-training, so the pre-trained model knows the think and instruction
-          # formats that chain-of-thought sampling and RL then build on (as an 8B base model would).
+          # A share also joins pre-training: instructions as they are (alignment RL then sharpens them),
+          # reasoning questions answered directly in /no_think form, so the pre-trained model knows
+          # the questions but not the worked reasoning that the SFT cold start teaches.
           kept[category] += 1
         if category not in kept or kept[category] % PRETRAIN_SHARE == 1:
-          by_modality["video" if is_video else "image"].append(line)
+          pretrain_line = json.dumps(_no_think(record)) + "\n" if category == "reasoning" else line
+          by_modality["video" if is_video else "image"].append(pretrain_line)
         blob = pack_record(record, out_dir)
         writer.write(blob)
         packed[split].append(blob)
@@ -438,6 +451,8 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
   if with_tfds:
     from train.data.tfds_export import write_tfds
     write_tfds(packed, os.path.join(out_dir, "tfds"))
+  from train.data.demo_pairs import write_demo_pairs   # imports this module: imported here
+  info["pairs"] = write_demo_pairs(out_dir, seed)
   with open(os.path.join(out_dir, "info.json"), "w") as f:
     json.dump(info, f, indent=1)
   return {"train": info["splits"]["train"]["examples"], "test": info["splits"]["test"]["examples"],
