@@ -40,6 +40,14 @@ text budget the binding one.
 The CPU demo (configs/demo) trains on images first and scores test_image.jsonl: the image questions
 (colour, shape, count, position), the ones a tiny model learns from the pixels within its budget.
 
+Video, measured: the tiny model does not learn the video questions within the demo's budget. A frame is
+upscaled from 84 to 196 px (the reference's per-frame minimum), so its 49 tokens see the shapes at another
+scale than an image's 9 tokens, and through the frozen random tower the same token of different scenes is
+nearly the same vector (cosine 0.97-0.99). 150-400 steps on the video questions alone (about 1 to 3 epochs,
+frozen or trained tower) left them at chance, and the answers barely changed when the video was swapped.
+Frames pasted unscaled into a 196 px canvas give image-like tokens (cosine 0.78 with the image's), still
+at chance after 150 steps; one big shape filling the frame reached 35-45% after 200 steps.
+
 Every question but captions and instructions is multiple choice with four options A-D (chance 25%)
 answered by one letter, in train and test alike; test records keep `answer` (the letter), `options` and
 `category` for exact-match scoring; instruction records are scored by IFEval's checkers.
