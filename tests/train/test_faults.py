@@ -43,10 +43,13 @@ def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path):
   _wait_for_step(tmp_path / "killed", kill_at, victim)
   victim.send_signal(signal.SIGKILL)  # possibly in the middle of an asynchronous save
   victim.wait()
+  ckpts = tmp_path / "killed" / "checkpoints"
+  saved = [d for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
   _finish(ref)
   result, err = _finish(train_process(killed), want_err=True)
   assert result["final_step"] == steps
-  assert "resuming from step" in err
+  if saved:  # under load the kill can come before the first asynchronous save finished: then it starts over
+    assert "resuming from step" in err
   want, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
   assert sorted(got) == list(range(1, steps + 1))
   assert got == want  # bit for bit, steps before and after the kill
