@@ -16,8 +16,7 @@ Kinds: `pretrain` chains stage YAMLs (`keye train`); `sft` is `keye train` with 
 the manifest `keye cot` just wrote (its `cot:` config) or an `rft` phase before it wrote: that manifest
 replaces the config's source named `cot` (or all its sources when none is named so); `rl` is `keye rl`
 (an rl phase on the same prompts as an earlier one keeps only those whose pass rate there was strictly
-in (0, 1)); `rft`
-is `keye cot` in mode rft. Each phase may add `overrides: [key.sub=value, ...]`. A schedule with only
+in (0, 1)); `rft` is `keye cot` in mode rft. Each phase may add `overrides: [key.sub=value, ...]`. A schedule with only
 `stages:` is a single pretrain phase (the pre-training schedules).
 
 With `eval`, the benchmark is scored before the first phase and after every phase that trains; the result
