@@ -21,6 +21,7 @@ from keye_jax.config import KeyeConfig, TextConfig
 from keye_jax.layers import Dense, Embed, RMSNorm
 from keye_jax.sharding import constrain
 from keye_jax.stack import Stack
+from kernels.decode import merge_new_tokens
 
 
 class Attention(nnx.Module):
@@ -49,7 +50,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x_bsd, cos, sin, segment_ids, cache=None):
     """Returns (output (B, S, D), (k, v) of the new tokens). With `cache` = (k_cache, v_cache,
-    cache_segment_ids), the queries attend to the valid cache slots and, causally, to each other; the
+    cache_segment_ids, cache_lengths), the queries attend to the valid cache slots and, causally, to each other; the
     caller writes the returned k/v into the cache once for all layers (no per-layer cache copy)."""
     b, s, _ = x_bsd.shape
     q, k, v = self.qkv(x_bsd, cos, sin)
@@ -57,33 +58,29 @@ class Attention(nnx.Module):
       out = ops.current().attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                     causal=True, impl=self.attention_impl)
     else:
-      out = decode_attention(q, k, v, *cache)
+      out = decode_attention(q, k, v, *cache, impl=self.attention_impl)
     out = out.reshape(b, s, self.num_heads * self.head_dim)
     return self.o_proj(out), (k, v)
 
 
-def decode_attention(q_bshd, k_new, v_new, k_cache, v_cache, cache_segment_ids):
+def decode_attention(q_bshd, k_new, v_new, k_cache, v_cache, cache_segment_ids, cache_lengths, *,
+                     impl: str = "auto"):
   """Few new queries against a read-only cache plus their own keys, merged in one softmax.
 
   q (B, s, Hq, D); k_new, v_new (B, s, Hkv, D); k_cache, v_cache (B, Hkv, T, D); cache_segment_ids (B, T)
-  with 0 = empty slot. The new tokens' own keys are not in the cache yet (see `Decoder.decode`).
+  with 0 = empty slot; cache_lengths (B,) or scalar: no valid slot at or after it (kernels.decode).
+  The new tokens' own keys are not in the cache yet (see `Decoder.decode`); they see each other causally.
   """
   b, s, hq, d = q_bshd.shape
   hkv = k_cache.shape[1]
-  qg = q_bshd.reshape(b, s, hkv, hq // hkv, d)
-  scale = d ** -0.5
-  old = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k_cache.astype(q_bshd.dtype), preferred_element_type=jnp.float32)
-  old = jnp.where((cache_segment_ids != 0)[:, None, None, None, :], old * scale, -1e30)
-  new = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_new, preferred_element_type=jnp.float32) * scale
-  new = jnp.where(jnp.tril(jnp.ones((s, s), bool)), new, -1e30)
-  m = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
-  p_old, p_new = jnp.exp(old - m), jnp.exp(new - m)
-  denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-  out = (jnp.einsum("bhgqk,bhkd->bqhgd", (p_old / denom).astype(v_cache.dtype), v_cache,
-                    preferred_element_type=jnp.float32)
-         + jnp.einsum("bhgqk,bkhd->bqhgd", (p_new / denom).astype(v_new.dtype), v_new,
-                      preferred_element_type=jnp.float32))
-  return out.reshape(b, s, hq, d).astype(q_bshd.dtype)
+  g, scale = hq // hkv, d ** -0.5
+  q_bhrd = q_bshd.reshape(b, s, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, s * g, d)  # rows (s, g)
+  out_c, lse_c = ops.current().cache_attention(q_bhrd, k_cache, v_cache, cache_segment_ids, cache_lengths,
+                                               scale=scale, impl=impl)
+  s_new = jnp.einsum("bhrd,bkhd->bhrk", q_bhrd, k_new, preferred_element_type=jnp.float32) * scale
+  causal = (jnp.arange(s * g)[:, None] // g) >= jnp.arange(s)[None, :]                  # (s*g, s)
+  out = merge_new_tokens(out_c, lse_c, jnp.where(causal, s_new, -jnp.inf), jnp.swapaxes(v_new, 1, 2))
+  return out.reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4).reshape(b, s, hq, d).astype(q_bshd.dtype)
 
 
 class MLP(nnx.Module):
@@ -109,8 +106,9 @@ class DecoderLayer(nnx.Module):
     self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg, rngs=rngs, **kw)
 
-  def __call__(self, h, cache, *, cos, sin, segment_ids, kv_segment_ids=None, return_kv=False):
-    layer_cache = None if cache is None else (cache[0], cache[1], kv_segment_ids)
+  def __call__(self, h, cache, *, cos, sin, segment_ids, kv_segment_ids=None, kv_lengths=None,
+               return_kv=False):
+    layer_cache = None if cache is None else (cache[0], cache[1], kv_segment_ids, kv_lengths)
     a, kv = self.attn(self.input_norm(h), cos, sin, segment_ids, layer_cache)
     h = h + a
     h = h + self.mlp(self.post_norm(h))
@@ -211,7 +209,7 @@ class Decoder(nnx.Module):
     segment_ids = cache["segment_ids"]  # the pending slot is already marked (below, last step)
     cos, sin = self._cos_sin(position_ids_3bs)
     h, (k, v) = self.layers(embeds_bsd, (k_cache, v_cache), cos=cos, sin=sin, segment_ids=None,
-                            kv_segment_ids=segment_ids, return_kv=True)
+                            kv_segment_ids=segment_ids, kv_lengths=index, return_kv=True)
     cache = dict(k=k_cache, v=v_cache, index=index + s, pending_k=k.astype(k_cache.dtype),
                  pending_v=v.astype(v_cache.dtype),
                  segment_ids=jax.lax.dynamic_update_slice(segment_ids, jnp.ones((b, s), jnp.int32), (0, index)))

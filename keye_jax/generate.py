@@ -127,7 +127,11 @@ def sample_token(logits_bv, key, temperature, top_k, top_p, *, greedy: bool):
   """
   logits_bv = logits_bv.astype(jnp.float32)
   logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-  argmax = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  # The first index of the row's maximum, as two plain reductions: XLA CPU runs jnp.argmax's (value, index)
+  # reduction ~10x slower (3 ms of a 45 ms decode step at 32 x 8192).
+  top = jnp.max(logits_bv, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, 1)
+  argmax = jnp.min(jnp.where(logits_bv == top, iota, logits_bv.shape[-1]), axis=-1)
   if greedy:
     return argmax, jnp.take_along_axis(logp_bv, argmax[:, None], axis=-1)[:, 0]
   row = lambda a: jnp.reshape(jnp.asarray(a), (-1, 1))            # scalar -> (1, 1), (B,) -> (B, 1)
@@ -425,9 +429,12 @@ class _TextWatcher:
 
 
 def constrain_cache(cache: dict) -> dict:
-  kv = ("layers", "batch", "act_heads", None, None)
-  return dict(cache, k=constrain(cache["k"], kv), v=constrain(cache["v"], kv),
-              segment_ids=constrain(cache["segment_ids"], ("batch", None)))
+  """The cache's K/V: one stacked (L, B, Hkv, T, hd) array each, or a list of L (B, Hkv, T, hd) arrays."""
+  def kv(x):
+    if isinstance(x, (list, tuple)):
+      return [constrain(a, ("batch", "act_heads", None, None)) for a in x]
+    return constrain(x, ("layers", "batch", "act_heads", None, None))
+  return dict(cache, k=kv(cache["k"]), v=kv(cache["v"]), segment_ids=constrain(cache["segment_ids"], ("batch", None)))
 
 
 class _NoMesh:

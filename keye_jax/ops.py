@@ -4,6 +4,7 @@
   rms_norm(x (..., D), scale (D,), eps) -> (..., D) float32
   apply_rope(x (B, S, H, hd), cos, sin (B, S, hd)) -> x's dtype
   attention(q, k, v, **kw)          kernels.attention's signature
+  cache_attention(q, k, v, segment_ids, lengths, **kw)   kernels.decode.cache_attention's (decoding)
   target_logit(logits (..., V) fp32, targets (...) int32) -> (...), and
   subtract_at_target(d (..., V), targets, g (...)) -> d - g * one_hot(targets)   (the cross-entropy's)
   compiler_options                  for jax.jit of the training step
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from kernels import decode
 from keye_jax import rope
 
 
@@ -61,13 +63,14 @@ class Ops:
   rms_norm: Callable
   apply_rope: Callable
   attention: Callable
+  cache_attention: Callable
   target_logit: Callable
   subtract_at_target: Callable
   compiler_options: dict | None = dataclasses.field(default=None, compare=False)
 
 
 PLAIN = Ops("plain", matmul=jnp.dot, rms_norm=_rms_norm, apply_rope=rope.apply_rope, attention=kernels.attention,
-            target_logit=_target_logit, subtract_at_target=_subtract_at_target)
+            cache_attention=decode.cache_attention, target_logit=_target_logit, subtract_at_target=_subtract_at_target)
 
 
 def for_platform(platform: str) -> Ops:

@@ -8,7 +8,8 @@
 
 How a rollout runs:
   vision   each prompt's images/frames go through the vision tower and projector once (`_encode`); the
-           projected tokens are kept in `Rollout.vision_tokens` for later log-prob passes;
+           tower's features and the projected tokens are kept (`Rollout.vision_features`,
+           `Rollout.vision_tokens`) for later log-prob passes;
   prefill  once per prompt, at batch 1 in the prompt's own length bucket (`_prefill`): its K/V (heads-major,
            (L, 1, Hkv, S, hd)) and the logits of its last token stay on the device until its G samples
            have all entered a slot;
@@ -78,6 +79,7 @@ class Rollout:
   slots: int
   trace_counts: dict                # jitted function -> times traced (compiled) so far by this engine
   vision_tokens: list               # per request: projected vision tokens (1, T, D) on the device, or None
+  vision_features: list = dataclasses.field(default_factory=list)  # per request: tower output (1, P, Dv) or None
 
   @property
   def slot_utilisation(self) -> float:
@@ -128,11 +130,12 @@ class RolloutEngine:
   # ---- jitted bodies ----------------------------------------------------------------------------
 
   def _encode_fn(self, state, vision):
-    """Vision tower + projector for one prompt: (1, P, C*p*p) patches -> (1, T, D) text-space tokens."""
+    """Vision tower + projector for one prompt: (1, P, C*p*p) patches -> the tower's features (1, P, Dv)
+    and the (1, T, D) text-space tokens."""
     self.trace_counts["encode"] += 1
     model = nnx.merge(self.graphdef, state)
     feats = model.vision(vision["pixel_values"], vision["patch_segment_ids"], vision["patch_pos"])
-    return model.projector(feats, vision["merge_index"])
+    return feats, model.projector(feats, vision["merge_index"])
 
   def _prefill_fn(self, state, batch, vision_tokens):
     """One prompt (1, S): its K/V (L, 1, Hkv, S, hd), segment ids (1, S) and last-token logits (1, V)."""
@@ -152,6 +155,8 @@ class RolloutEngine:
     b = self.slots
     cache = model.decoder.init_cache(b, cache_len)
     cache["index"] = jnp.zeros((b,), jnp.int32)
+    if not self.cfg.scan_layers:   # one array per layer: a step reads each layer's K/V where they lie
+      cache["k"], cache["v"] = list(cache["k"]), list(cache["v"])
     zi, zf, no = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool)
     return _constrain_carry(dict(
         cache=cache, tokens=jnp.zeros((b, new_len), jnp.int32), logprobs=jnp.zeros((b, new_len), jnp.float32),
@@ -166,12 +171,11 @@ class RolloutEngine:
     `slot` (slots 0..S-1, the rest empty), first token drawn from the prompt's logits."""
     self.trace_counts["insert"] += 1
     cache = carry["cache"]
-    s, t = k.shape[3], cache["k"].shape[3]
+    s, t = k.shape[3], cache["segment_ids"].shape[1]
     at = (0, slot, 0, 0, 0)
     last = lambda a: jnp.swapaxes(a[:, :, :, -1:], 2, 3).astype(cache["pending_k"].dtype)   # (L, 1, 1, Hkv, hd)
     row_seg = jnp.zeros((1, t), jnp.int32).at[:, :s].set(seg)
-    cache = dict(cache, k=jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
-                 v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+    cache = dict(cache, k=_put_row(cache["k"], k, slot), v=_put_row(cache["v"], v, slot),
                  segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], row_seg, (slot, 0)),
                  pending_k=jax.lax.dynamic_update_slice(cache["pending_k"], last(k), at),
                  pending_v=jax.lax.dynamic_update_slice(cache["pending_v"], last(v), at),
@@ -206,14 +210,14 @@ class RolloutEngine:
       idx = cache["index"]
       prev = c["tokens"][rows, jnp.maximum(c["length"] - 1, 0)]                        # (B,)
       # The previous token's K/V (pending) go to slot index-1 of each row before anything reads the cache.
-      heads = lambda p: jnp.swapaxes(p[:, :, 0], 0, 1)                                  # (B, L, Hkv, hd)
       at = jnp.maximum(idx - 1, 0)
-      k_cache = cache["k"].at[:, rows, :, at, :].set(heads(cache["pending_k"]).astype(cache["k"].dtype))
-      v_cache = cache["v"].at[:, rows, :, at, :].set(heads(cache["pending_v"]).astype(cache["v"].dtype))
+      k_cache = _put_pending(cache["k"], cache["pending_k"], rows, at)
+      v_cache = _put_pending(cache["v"], cache["pending_v"], rows, at)
+      per_layer = list(zip(k_cache, v_cache)) if isinstance(k_cache, list) else (k_cache, v_cache)
       pos = jnp.broadcast_to(c["pos"][None, :, None], (3, b, 1))
       cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
-      h, (k, v) = dec.layers(dec.embed(prev[:, None]), (k_cache, v_cache), cos=cos, sin=sin, segment_ids=None,
-                             kv_segment_ids=cache["segment_ids"], return_kv=True)
+      h, (k, v) = dec.layers(dec.embed(prev[:, None]), per_layer, cos=cos, sin=sin, segment_ids=None,
+                             kv_segment_ids=cache["segment_ids"], kv_lengths=idx, return_kv=True)
       logits = dec.logits(dec.norm(h)[:, 0])
       keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(c["key"]), c["length"])
       tok, logp = sample_token(logits, keys, c["temperature"], c["top_k"], c["top_p"], greedy=greedy)
@@ -260,6 +264,7 @@ class RolloutEngine:
     counts = collections.Counter()
     groups: list[list[Generation | None]] = [[None] * r.n for r in reqs]
     vision_tokens: list = [None] * len(reqs)
+    vision_features: list = [None] * len(reqs)
     queue = collections.deque((i, j) for i, r in enumerate(reqs) for j in range(r.n))
     left = [r.n for r in reqs]                       # samples of request i not yet in a slot
     prompts: dict[int, tuple] = {}                   # prefilled prompts with samples still waiting
@@ -280,7 +285,7 @@ class RolloutEngine:
             continue
           i, j = queue.popleft()
           if i not in prompts:
-            prompts[i] = self._prefill_prompt(reqs[i], seq_lens[i], vision_tokens, i, counts)
+            prompts[i] = self._prefill_prompt(reqs[i], seq_lens[i], vision_features, vision_tokens, i, counts)
           carry = self._insert(carry, *prompts[i][:4], jnp.int32(slot), *self._sample_knobs(reqs[i], j),
                                prompts[i][4], greedy=greedy)
           owner[slot] = (i, j)
@@ -306,9 +311,11 @@ class RolloutEngine:
     self._carry, self._carry_shape = carry, shape
     return Rollout(groups=groups, vision_encodes=counts["encode"], prefills=counts["prefill"],
                    decode_steps=steps - steps0, busy_slot_steps=busy - busy0, slots=self.slots,
-                   trace_counts=dict(self.trace_counts), vision_tokens=vision_tokens)
+                   trace_counts=dict(self.trace_counts), vision_tokens=vision_tokens,
+                   vision_features=vision_features)
 
-  def _prefill_prompt(self, req: Request, seq_len: int, vision_tokens: list, i: int, counts) -> tuple:
+  def _prefill_prompt(self, req: Request, seq_len: int, vision_features: list, vision_tokens: list, i: int,
+                      counts) -> tuple:
     p = req.prompt
     has_vision = p.pixel_values is not None
     patches = bucket(len(p.pixel_values), self.patch_buckets) if has_vision else None
@@ -318,8 +325,8 @@ class RolloutEngine:
     batch = self._put_replicated(batch)
     tokens = None
     if has_vision:
-      tokens = self._encode(self.state, {k: batch[k] for k in ("pixel_values", "patch_segment_ids", "patch_pos",
-                                                                "merge_index")})
+      vision = {k: batch[k] for k in ("pixel_values", "patch_segment_ids", "patch_pos", "merge_index")}
+      vision_features[i], tokens = self._encode(self.state, vision)
       counts["encode"] += 1
       vision_tokens[i] = tokens
     text = {k: batch[k] for k in ("input_ids", "segment_ids", "position_ids")}
@@ -330,7 +337,7 @@ class RolloutEngine:
   def _put_replicated(self, batch: dict) -> dict:
     """A one-prompt batch: on the default device, or replicated over the mesh."""
     if self.mesh is None:
-      return {k: jnp.asarray(v) for k, v in batch.items()}
+      return jax.device_put(batch)            # (jnp.asarray traces a conversion per array: ~50 ms a prompt)
     from jax.sharding import NamedSharding, PartitionSpec as P
     return {k: jax.device_put(v, NamedSharding(self.mesh, P())) for k, v in batch.items()}
 
@@ -368,6 +375,22 @@ class RolloutEngine:
 
   def decode(self, ids) -> str:
     return decode_text(self.tokenizer, ids)
+
+
+def _put_row(cache_kv, kv_l1hsd, slot):
+  """A prefilled prompt's K/V (L, 1, Hkv, S, hd) into slots 0..S-1 of cache row `slot` (stacked or per layer)."""
+  if isinstance(cache_kv, list):
+    return [jax.lax.dynamic_update_slice(c, kv_l1hsd[l].astype(c.dtype), (slot, 0, 0, 0))
+            for l, c in enumerate(cache_kv)]
+  return jax.lax.dynamic_update_slice(cache_kv, kv_l1hsd.astype(cache_kv.dtype), (0, slot, 0, 0, 0))
+
+
+def _put_pending(cache_kv, pending_lb1hd, rows, at):
+  """Each row's pending K/V (L, B, 1, Hkv, hd) into its slot at[row] (written before anything reads)."""
+  heads = jnp.swapaxes(pending_lb1hd[:, :, 0], 0, 1)                                      # (B, L, Hkv, hd)
+  if isinstance(cache_kv, list):
+    return [c.at[rows, :, at, :].set(heads[:, l].astype(c.dtype)) for l, c in enumerate(cache_kv)]
+  return cache_kv.at[:, rows, :, at, :].set(heads.astype(cache_kv.dtype))
 
 
 def _constrain_carry(c: dict) -> dict:

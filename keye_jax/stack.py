@@ -19,8 +19,9 @@ class Stack(nnx.Module):
   """`num_layers` layers made by `make_layer(rngs)`.
 
   `__call__(x, per_layer=None, **shared)` runs x through every layer as `layer(x, per_layer_i, **shared)
-  -> (x, out_i)`; `per_layer` is a pytree with a leading layer axis (e.g. a KV cache) and the stacked
-  `out_i` are returned beside x.
+  -> (x, out_i)`; `per_layer` is a pytree with a leading layer axis (e.g. a KV cache), or, unscanned, a
+  list with one pytree per layer (a decode cache kept per layer: no per-step slicing copies); the
+  stacked `out_i` are returned beside x.
   """
 
   def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, scan: bool,
@@ -52,7 +53,8 @@ class Stack(nnx.Module):
     outs = []
     for i, layer in enumerate(self.layers):
       graphdef, state = nnx.split(layer)
-      extra = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)
+      extra = (per_layer[i] if isinstance(per_layer, list) else
+               None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer))
       x, out = body(x, state, graphdef, extra)
       outs.append(out)
     return x, jax.tree.map(lambda *a: jax.numpy.stack(a), *outs) if outs and outs[0] is not None else None

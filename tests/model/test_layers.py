@@ -100,3 +100,36 @@ def test_cpu_attention_matches_reference_autodiff(causal, sq):
   for a, b in zip(ours[1](dout), plain[1](dout)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(cpu_ops.attention(q, k, v, impl="xla", **kw), ours[0])
+
+
+@pytest.mark.parametrize("r", [2, 8])
+def test_cpu_cache_attention_matches_reference(r):
+  """XLA CPU's multiply-reduce decode attention equals the plain einsum form (kernels.decode), with
+  left-padding holes, per-row lengths and an empty row; the merge with the new token's own key equals
+  one softmax over cache + new key."""
+  from keye_jax import cpu_ops
+  from kernels import decode
+  rng = np.random.default_rng(0)
+  b, h, t, d = 4, 2, 48, 16
+  q = jnp.asarray(rng.standard_normal((b, h, r, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((b, h, t, d)), jnp.float32) for _ in range(2))
+  seg = np.ones((b, t), np.int32)
+  seg[1, :7] = 0                                                   # left padding
+  lengths = jnp.asarray([48, 30, 0, 5], jnp.int32)                 # row 2 holds nothing yet
+  seg = jnp.asarray(seg)
+  want = decode.xla_cache_attention(q, k, v, seg, lengths, scale=0.25)
+  got = cpu_ops.cache_attention(q, k, v, seg, lengths, scale=0.25)
+  for a, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-5, atol=1e-5)
+  assert float(got[1][2].max()) == np.float32(decode.NO_KEYS) and not np.asarray(got[0][2]).any()
+  # Merged with one new key per row: one softmax over the valid cache slots and the new key.
+  k_new, v_new = (jnp.asarray(rng.standard_normal((b, h, 1, d)), jnp.float32) for _ in range(2))
+  s_new = jnp.einsum("bhrd,bhsd->bhrs", q, k_new) * 0.25
+  out = decode.merge_new_tokens(*got, s_new, v_new)
+  valid = np.asarray(decode.valid_slots(seg, lengths, t))
+  for row in range(b):
+    keys = np.concatenate([np.asarray(k[row])[:, valid[row]], np.asarray(k_new[row])], axis=1)
+    vals = np.concatenate([np.asarray(v[row])[:, valid[row]], np.asarray(v_new[row])], axis=1)
+    p = jax.nn.softmax(jnp.einsum("hrd,htd->hrt", q[row], keys) * 0.25, axis=-1)
+    np.testing.assert_allclose(np.asarray(out[row]), np.asarray(jnp.einsum("hrt,htd->hrd", p, vals)),
+                               rtol=1e-5, atol=1e-5)
