@@ -53,6 +53,26 @@ def compile_attention_step(mesh: Mesh, *, seq: int, q_heads: int, kv_heads: int,
   return jax.jit(step).lower(act(q_heads), act(kv_heads), act(kv_heads), ids).compile()
 
 
+def compile_decode_attention(mesh: Mesh, *, slots: int, kv_heads: int, rows: int, head_dim: int,
+                             max_len: int, layers: int = 1, dtype=jnp.bfloat16, block_kv: int | None = None):
+  """Compiled ragged decode attention (`kernels.ragged_decode`) for `layers` per-layer (slots, kv_heads,
+  max_len, head_dim) caches (a list, as the unscanned decoder keeps them: a scan over a stacked cache would
+  copy each layer's slice out for the custom call), slots split over the `data` axis; rows = query heads
+  per KV head x new tokens. Per-chip argument bytes are then the decode step's whole KV cache."""
+  from kernels.ragged_decode import ragged_decode_attention
+
+  def local(q, k_caches, v_caches, segment_ids, lengths):
+    return [ragged_decode_attention(q, k, v, segment_ids, lengths, scale=head_dim ** -0.5, block_kv=block_kv,
+                                    interpret=False) for k, v in zip(k_caches, v_caches)]
+
+  rows_ = P("data")
+  step = jax.shard_map(local, mesh=mesh, in_specs=rows_, out_specs=rows_, check_vma=False)
+  arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, rows_))
+  caches = [arg((slots, kv_heads, max_len, head_dim), dtype) for _ in range(layers)]
+  return jax.jit(step).lower(arg((slots, kv_heads, rows, head_dim), dtype), caches, caches,
+                             arg((slots, max_len), jnp.int32), arg((slots,), jnp.int32)).compile()
+
+
 def per_chip_bytes(compiled) -> dict:
   stats = compiled.memory_analysis()
   return dict(argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
