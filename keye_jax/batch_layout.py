@@ -2,9 +2,9 @@
 
 Every batch array is (B, ...) with its rows on axis 0, except the 3D M-RoPE position ids:
   position_ids (3, B, S)      batch axis 1
-  input_ids, segment_ids, loss_mask, source_ids (B, S); pixel_values (B, P, C*p*p); patch_segment_ids,
-  patch_pos, merge_index, merge_valid (B, P...); any other key, e.g. per-token advantages or old
-  log-probs (B, S)             batch axis 0
+  input_ids, segment_ids, loss_mask, source_ids (B, S); pixel_values (B, P, C*p*p); vision_features
+  (B, P, Dv); patch_segment_ids, patch_pos, merge_index, merge_valid (B, P...); any other key, e.g.
+  per-token advantages or old log-probs (B, S)             batch axis 0
 The batch axis always sits right before the sequence (or patch) axis, so one row, the batch without
 its batch axis, has its tokens on that same axis: position_ids (3, S), everything else (S, ...).
 

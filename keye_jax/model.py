@@ -4,6 +4,9 @@ Batch (fixed shapes; see keye_jax/processing/vision_layout.py for the vision met
   input_ids (B, S) int32, segment_ids (B, S) int32 (0 = padding), position_ids (3, B, S) int32,
   pixel_values (B, P, C*p*p) float32, patch_segment_ids (B, P), patch_pos (B, P, 4),
   merge_index (B, P/4, 4), merge_valid (B, P/4).
+  vision_features (B, P, Dv) optional: the vision tower's output for those patches, computed earlier (the RL
+  rollout's encodes, reused when the tower is frozen); when present the tower is not run and the features
+  go straight to the projector (pixel_values, patch_segment_ids and patch_pos are then not read).
 The k-th real merged vision token of a row replaces the embedding of the row's k-th
 `<|image_pad|>`/`<|video_pad|>` token.
 """
@@ -39,9 +42,12 @@ class KeyeVL(nnx.Module):
     """Text embeddings with vision features scattered in: (B, S, Dt)."""
     ids = batch["input_ids"]
     x = self.decoder.embed(ids)
-    if self.vision is None or "pixel_values" not in batch:
+    if self.vision is None or ("pixel_values" not in batch and "vision_features" not in batch):
       return x
-    feats = self.vision(batch["pixel_values"], batch["patch_segment_ids"], batch["patch_pos"])  # (B, P, Dv)
+    if "vision_features" in batch:
+      feats = batch["vision_features"]                                                         # (B, P, Dv)
+    else:
+      feats = self.vision(batch["pixel_values"], batch["patch_segment_ids"], batch["patch_pos"])  # (B, P, Dv)
     tokens = self.projector(feats, batch["merge_index"])                                        # (B, T, Dt)
     return scatter_vision(x, tokens, self.vision_token_mask(ids))
 
