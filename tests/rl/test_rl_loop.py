@@ -62,6 +62,9 @@ def test_metrics_hints_and_pass_rates(demo, monkeypatch):
       seen.append(text)
       toks = list(range(20, 26))
       out.append([Generation(tokens=toks, logprobs=[-1.0] * 6, text=text, finish_reason="stop") for _ in range(n)])
+    # the tower is frozen here, so the update reads the rollout's vision features (any values will do)
+    self.features = [None if p.pixel_values is None else np.zeros((len(p.pixel_values), 64), np.float32)
+                     for p in prompts]
     return out
 
   monkeypatch.setattr(rollouts.Rollouts, "sample", fake_sample)

@@ -12,6 +12,12 @@ loss_mask, source_ids, pixel_values and the vision layout):
   advantages     (S,) float32  the response's advantage on each of its tokens (0 elsewhere)
   ref_logprobs   (S,) float32  only when asked for: filled later, once per rollout batch
 Every per-token field sits on the token itself (not on the position that predicts it).
+
+With `vision_dim` (the vision tower is frozen, so its output for a prompt is what the rollout already
+computed), a row carries vision_features (P, Dv) float32 in place of pixel_values: each response's prompt
+features (`Response.vision_features`, the rollout's tower output) at the patches where build_row puts its
+pixels, examples back to back, zeros after. The tower attends within each image/frame only, so a patch's
+features do not depend on what else shares the row; merge_index and the rest of the layout are unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class Response:
   tokens: np.ndarray  # (T,) int32 sampled ids (the stop token included when one ended it)
   logprobs: np.ndarray  # (T,) float32 the sampler's log-probs of `tokens`
   advantage: float
+  vision_features: np.ndarray | None = None  # (Pp, Dv) the tower's output for pixel_values (the rollout's)
 
   def example(self) -> dict:
     """The packing example (train/data/packing.py's keys) plus the per-token RL fields."""
@@ -56,8 +63,9 @@ class Response:
 
 
 def pack_responses(responses: list[Response], seq_len: int, num_patches: int, rows: int, ids: TokenIds,
-                   *, with_ref: bool = False) -> dict[str, np.ndarray]:
+                   *, with_ref: bool = False, vision_dim: int = 0) -> dict[str, np.ndarray]:
   """`rows` packed rows (a fixed-shape batch; unused rows are padding) holding every response, first fit.
+  vision_dim > 0: vision_features (rows, P, vision_dim) replace pixel_values (see the module docstring).
   Raises ValueError when they do not fit (the config check makes that impossible for valid prompts)."""
   examples = [r.example() for r in responses]
   bins: list[list[int]] = []  # example indices per row
@@ -96,8 +104,28 @@ def pack_responses(responses: list[Response], seq_len: int, num_patches: int, ro
       t += n
     r.update(extra)
     r["loss_mask"] = mask
+    if vision_dim:
+      del r["pixel_values"]
+      r["vision_features"] = _row_features([responses[i] for i in row], num_patches, vision_dim)
     out.append(r)
   return stack_rows(out)
+
+
+def _row_features(responses: list[Response], num_patches: int, dim: int) -> np.ndarray:
+  """(P, dim) float32: the responses' prompt features back to back, as build_row lays out their pixels."""
+  out = np.zeros((num_patches, dim), np.float32)
+  p = 0
+  for r in responses:
+    m = 0 if r.pixel_values is None else len(r.pixel_values)
+    if not m:
+      continue
+    f = r.vision_features
+    if f is None or f.shape != (m, dim):
+      raise ValueError(f"a response whose prompt has {m} patches carries vision features of shape "
+                       f"{None if f is None else f.shape}, not ({m}, {dim})")
+    out[p:p + m] = f
+    p += m
+  return out
 
 
 def responses_in(batch: dict) -> int:

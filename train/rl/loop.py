@@ -10,6 +10,11 @@ One RL step (a rollout batch), in every process for its own prompts:
   update      the responses split into rl.minibatches minibatches, each packed into data.batch_size rows
               (train/rl/batch.py) and one optimizer step with the GSPO loss (train/rl/update.py); the
               rollout policy is the old policy of every minibatch (log-probs from the sampler)
+  vision      when the vision tower is frozen (`vision` not in optimizer.trainable), its output for a
+              prompt is the same in the rollout, the update and the reference pass: the rows carry the
+              rollout's tower features instead of pixel_values, and the update and reference passes run
+              only the projector (which may train) on them, never the tower. A trainable tower is re-run
+              in the update (its gradients) and in the reference pass (the reference's weights differ).
 Then metrics (metrics.jsonl, TensorBoard), a checkpoint every checkpoint.every RL steps (the train
 state, plus per process the prompt iterator with the pass-rate and hint records), SIGTERM -> save + exit.
 
@@ -110,6 +115,8 @@ class RLRun:
     self.rewards = combine(list(r.rewards))
     self.shape = ModelShape.of(cfg.model)
     self.with_ref = r.kl_coef > 0
+    frozen_tower = cfg.model.vision is not None and "vision" not in cfg.optimizer.trainable
+    self.vision_dim = cfg.model.vision.hidden_size if frozen_tower else 0  # > 0: reuse the rollout's features
     self.batch_keys = list(self._pack([]).keys())
     step_cfg = dataclasses.replace(cfg, steps=cfg.optimizer_steps())
     self.fns = make_step(step_cfg, self.shape, self.mesh, 1, self.batch_keys,
@@ -133,14 +140,14 @@ class RLRun:
       if self.ref_params is None:
         raise ValueError("rl.kl_coef > 0 needs init_from (the frozen reference policy)")
       self.ref_fn = make_ref_logprobs(self.shape, self.mesh, self.batch_keys, cfg.loss_chunk)
-    self.rollouts = Rollouts(self.shape, self.tokenizer, self.mesh, r)
+    self.rollouts = Rollouts(self.shape, self.tokenizer, self.mesh, r, keep_features=self.vision_dim > 0)
 
   # -- one step ---------------------------------------------------------------------------------------
 
   def _pack(self, responses):
     d = self.cfg.data
     return pack_responses(responses, d.seq_len, d.num_patches, d.batch_size // jax.process_count(), self.ids,
-                          with_ref=self.with_ref)
+                          with_ref=self.with_ref, vision_dim=self.vision_dim)
 
   def _score(self, metas, texts):
     total, _ = self.rewards(metas, texts)
@@ -161,6 +168,7 @@ class RLRun:
     tok0, sec0 = self.rollouts.tokens, self.rollouts.seconds
     self.rollouts.set_weights(self.state["params"])
     groups = self.rollouts.sample([to_prompt(p) for p in prompts], [prompt_seed(cfg.seed, p["key"]) for p in prompts], g)
+    features = list(self.rollouts.features) if self.vision_dim else [None] * len(prompts)  # per prompt
     t_rollout = t_first_rollout = time.perf_counter() - t1
     # Rewards, correctness, pass rates; progressive hints for groups that failed entirely.
     t2 = time.perf_counter()
@@ -184,6 +192,8 @@ class RLRun:
         decision = tracker.observe(pid, hok, has_hints=True)
         if decision.action == "update":  # the first level with a correct response: its group is used
           level, groups[i], rew, arrays[i] = lv, hgrp, hrew, {**p, **hinted}
+          if self.vision_dim:
+            features[i] = self.rollouts.features[0]
       hint_levels.append(level)
       rewards.append(rew)
     t_reward = time.perf_counter() - t2 - (t_rollout - t_first_rollout)  # hint rollouts count as rollout
@@ -191,14 +201,14 @@ class RLRun:
     t3 = time.perf_counter()
     m = r.minibatches
     per_mb: list[list[Response]] = [[] for _ in range(m)]
-    for p, a, grp, rew in zip(arrays, prompts, groups, rewards):
+    for p, a, grp, rew, feats in zip(arrays, prompts, groups, rewards, features):
       adv = group_advantages(rew, np.zeros(len(rew), np.int32), eps=r.advantage_eps)
       for k, x in enumerate(grp):
         if not len(x.tokens):
           continue
         per_mb[(a["key"] * g + k) % m].append(Response(
             p["input_ids"], p["position_ids"], p.get("pixel_values"), p.get("grids_hw"),
-            np.asarray(x.tokens, np.int32), np.asarray(x.logprobs, np.float32), float(adv[k])))
+            np.asarray(x.tokens, np.int32), np.asarray(x.logprobs, np.float32), float(adv[k]), feats))
     batches = [to_global(self._pack(resp), self.mesh) for resp in per_mb]
     if self.with_ref:
       batches = [dict(b, ref_logprobs=self.ref_fn(self.ref_params, b)) for b in batches]

@@ -9,7 +9,9 @@ sampled tokens under the model at temperature 1, text, finish_reason, thinking, 
 Every prompt has its own seed, so its responses do not depend on which other prompts share the batch (or
 the process): what makes a run on two processes equal to a run on one, and a resumed run equal to an
 uninterrupted one. The engine is keye_jax.rollout.RolloutEngine (vision and prefill once per prompt, its
-G samples in the shared decode slots).
+G samples in the shared decode slots). With `keep_features` (the loop sets it when the vision tower is
+frozen), `features` holds, after each `sample`, per prompt the tower's output for its patches (Pp, Dv)
+float32 on the host (None without images): the RL step's log-prob passes use them instead of re-encoding.
 
 Several processes (multi-host): every process samples its own prompts, as many times as its hints need,
 so the engines cannot share one SPMD program over the global mesh. Each process runs its engine on a
@@ -34,8 +36,10 @@ from keye_jax.rollout import Request, RolloutEngine
 
 
 class Rollouts:
-  def __init__(self, shape, tokenizer, mesh, rl_cfg):
+  def __init__(self, shape, tokenizer, mesh, rl_cfg, *, keep_features: bool = False):
     self.shape, self.tokenizer, self.mesh, self.cfg = shape, tokenizer, mesh, rl_cfg
+    self.keep_features = keep_features
+    self.features: list = []  # per prompt of the last `sample`: (Pp, Dv) float32 or None (keep_features only)
     self.engine = None
     self.tokens = 0  # generated tokens so far
     self.seconds = 0.0
@@ -71,9 +75,15 @@ class Rollouts:
   def sample(self, prompts: list[Prompt], seeds: list[int], n: int) -> list[list]:
     """Per prompt, `n` Generations sampled with that prompt's seed."""
     t0 = time.perf_counter()
+    self.features = []
     if not prompts:
       return []
-    groups = self.engine.generate([Request(p, self.params(s), n=n) for p, s in zip(prompts, seeds)]).groups
+    out = self.engine.generate([Request(p, self.params(s), n=n) for p, s in zip(prompts, seeds)])
+    groups = out.groups
+    if self.keep_features:
+      # The engine's (1, P bucket, Dv) tower output (on this process's devices) -> the prompt's own patches.
+      self.features = [None if f is None else np.asarray(f[0, :len(p.pixel_values)], np.float32)
+                       for p, f in zip(prompts, out.vision_features)]
     self.seconds += time.perf_counter() - t0
     self.tokens += sum(len(g.tokens) for grp in groups for g in grp)
     return groups
