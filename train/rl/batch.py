@@ -111,6 +111,12 @@ def pack_responses(responses: list[Response], seq_len: int, num_patches: int, ro
   return stack_rows(out)
 
 
+def reused_vision_dim(model_cfg, trainable) -> int:
+  """The `vision_dim` of the run's rows: the tower's width when the model has one and it is frozen (not in
+  optimizer.trainable), so the rollout's features stand for it in the log-prob passes; else 0 (re-encode)."""
+  return model_cfg.vision.hidden_size if model_cfg.vision is not None and "vision" not in trainable else 0
+
+
 def _row_features(responses: list[Response], num_patches: int, dim: int) -> np.ndarray:
   """(P, dim) float32: the responses' prompt features back to back, as build_row lays out their pixels."""
   out = np.zeros((num_patches, dim), np.float32)

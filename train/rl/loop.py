@@ -44,7 +44,7 @@ from train.model_state import ModelShape
 from train.rl import hinting
 from train.rl.hinting import prompt_hints
 from train.rl.advantages import group_advantages
-from train.rl.batch import Response, pack_responses
+from train.rl.batch import Response, pack_responses, reused_vision_dim
 from train.rl.config import RLRunConfig, load_rl_config
 from train.rl.rollouts import Rollouts, prompt_seed, to_prompt
 from train.rl.update import make_ref_logprobs, rl_loss_fn, to_global
@@ -115,8 +115,7 @@ class RLRun:
     self.rewards = combine(list(r.rewards))
     self.shape = ModelShape.of(cfg.model)
     self.with_ref = r.kl_coef > 0
-    frozen_tower = cfg.model.vision is not None and "vision" not in cfg.optimizer.trainable
-    self.vision_dim = cfg.model.vision.hidden_size if frozen_tower else 0  # > 0: reuse the rollout's features
+    self.vision_dim = reused_vision_dim(cfg.model, cfg.optimizer.trainable)  # > 0: the rollout's features
     self.batch_keys = list(self._pack([]).keys())
     step_cfg = dataclasses.replace(cfg, steps=cfg.optimizer_steps())
     self.fns = make_step(step_cfg, self.shape, self.mesh, 1, self.batch_keys,
