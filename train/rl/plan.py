@@ -4,15 +4,20 @@ Colocated RL holds, on every chip, the train state (parameters, optimizer state)
   update   the RL batch and the step's temporaries: the real RL training step (GSPO loss through
            make_step, batch with the per-token RL fields) compiled ahead of time for the topology (libtpu,
            no TPU needed), read from the compiler's memory analysis, as `keye plan` does for pre-training;
-  rollout  the sampler's KV cache for rl.slots sequences (G per prompt) of rl.max_prompt_len +
-           rl.max_new_tokens tokens, sharded like the sampler shards it (sequences over the batch axes,
-           KV heads over `tensor`), plus one decode step's logits; computed from the shapes (the sampler
-           works on the trainer's parameters in place, so it adds no weights).
-Fits when both phases fit in HBM: max(state + update, state + rollout) <= HBM per chip.
+  rollout  the rollout engine's decode step (`keye_jax.rollout.RolloutEngine._decode`: the while loop of
+           single-token steps over rl.slots slots, caches of rl.max_prompt_len + rl.max_new_tokens tokens
+           in the engine's buckets) compiled ahead of time on the abstract model for the same mesh: its
+           slot state (KV cache, tokens, log-probs, knobs) and temporaries (logits, attention, per-layer
+           copies) from the compiler's memory analysis. The engine works on the trainer's parameters in
+           place, so it adds no weights. The shape-computed cache + logits (`rollout_bytes_per_chip`) is
+           reported beside it for comparison.
+Fits when both phases fit in HBM: max(state + update, state + rollout) <= HBM per chip (the rollout phase
+from the compiled decode step when it compiles, else from the shapes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -20,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keye_jax.generate import LENGTH_BUCKETS, NEW_TOKEN_BUCKETS, bucket
+from keye_jax.rollout import RolloutEngine
 from keye_jax.sharding import make_mesh
 from train.model_state import ModelShape, batch_shardings
 from train.plan import GIB, abstract_batch, hbm_gib, out_of_memory, per_chip_bytes, tpu_devices
@@ -40,10 +47,10 @@ def rl_abstract_batch(cfg, mesh) -> dict:
 
 
 def rollout_bytes_per_chip(cfg, mesh) -> dict:
-  """KV cache and decode logits of the rollout sampler, per chip (bytes)."""
+  """KV cache and decode logits of the rollout sampler, per chip (bytes), at the engine's bucketed cache length."""
   t, r = cfg.model.text, cfg.rl
   dtype = np.dtype(jnp.dtype(cfg.model.dtype)).itemsize
-  length = r.max_prompt_len + r.max_new_tokens
+  length = bucket(r.max_prompt_len, LENGTH_BUCKETS) + bucket(r.max_new_tokens, NEW_TOKEN_BUCKETS)  # the engine's
   rows = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
   heads = mesh.shape.get("tensor", 1)
   seqs = max(r.slots, r.group_size)
@@ -54,13 +61,60 @@ def rollout_bytes_per_chip(cfg, mesh) -> dict:
   return {"cache": cache, "logits": logits, "sequences": seqs, "length": length}
 
 
+def compile_decode_step(cfg, mesh, shape: ModelShape | None = None) -> dict:
+  """The rollout engine's decode loop (`RolloutEngine._decode`, sampled, not greedy) for rl.slots slots
+  compiled for `mesh` on the abstract model (no weights are made): per-chip bytes {"argument", "output",
+  "alias", "temp", "code"} from the compiler, and from the abstract arrays "weights" (the engine's
+  parameters), "carry" (the slot state), "cache" (its K and V), "layer_cache" (one layer's K and V);
+  "attention": "pallas" when the TPU kernel is in the program, else "xla"; "cache_len", "slots"."""
+  shape = shape or ModelShape.of(cfg.model)
+  sh = shape.shardings(mesh)
+  params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in shape.shapes().items()}
+  r = cfg.rl
+  engine = RolloutEngine(shape.build(params), slots=r.slots, mesh=mesh, stop_token_ids=(cfg.model.eos_token_id,))
+  new_len = bucket(r.max_new_tokens, engine.new_token_buckets)
+  cache_len = bucket(r.max_prompt_len, engine.length_buckets) + new_len
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
+  with jax.set_mesh(mesh):
+    # The slot state as the engine lays it out: its shardings are those of the compiled `_new_carry`.
+    new = engine._new_carry.lower(engine.state, cache_len=cache_len, new_len=new_len)
+    out_sh = new.compile().output_shardings
+    carry = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), new.out_info, out_sh)
+    compiled = engine._decode.lower(engine.state, carry, scalar(jnp.int32), scalar(jnp.bool_), scalar(jnp.int32),
+                                    greedy=False).compile()
+  mem = compiled.memory_analysis()
+  kv = [carry["cache"]["k"], carry["cache"]["v"]]
+  cache_b = per_chip_bytes(kv)
+  layers = cfg.model.text.num_layers
+  return {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
+          "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
+          "code": int(mem.generated_code_size_in_bytes), "weights": per_chip_bytes(engine.state),
+          "carry": per_chip_bytes(carry), "cache": cache_b, "layer_cache": cache_b // layers,
+          "attention": "pallas" if "ragged_decode_attention" in compiled.as_text() else "xla",
+          "cache_len": cache_len, "slots": r.slots}
+
+
+def decode_step_report(cfg, mesh, shape: ModelShape) -> dict:
+  """`compile_decode_step` for the config's attention; when the Pallas decode kernel does not compile under
+  the mesh, the step again with XLA attention over the cache, the kernel's error kept ("pallas_error")."""
+  try:
+    return compile_decode_step(cfg, mesh, shape)
+  except NotImplementedError as e:   # "Mosaic kernels cannot be automatically partitioned ..."
+    if cfg.model.attention_impl == "xla":
+      raise
+    error = str(e).splitlines()[0]
+  xla = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla"))
+  print(f"the decode step with the Pallas decode kernel does not compile under mesh {dict(mesh.shape)} "
+        f"({error}); compiling it with XLA attention instead ...", file=sys.stderr, flush=True)
+  return {**compile_decode_step(xla, mesh, ModelShape.of(xla.model)), "pallas_error": error}
+
+
 def plan(config_path: str, topology: str, overrides=()) -> dict:
   cfg = load_rl_config(config_path, overrides)
   devices = tpu_devices(topology)
   mesh = make_mesh(cfg.mesh, devices)
   shape = ModelShape.of(cfg.model)
   batch = rl_abstract_batch(cfg, mesh)
-  import dataclasses
   fns = make_step(dataclasses.replace(cfg, steps=cfg.optimizer_steps()), shape, mesh, 1, list(batch),
                   loss_fn=rl_loss_fn(cfg.rl, cfg.loss_chunk))
   state = abstract_state(fns)
@@ -82,12 +136,27 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
   update_b = int(mem.argument_size_in_bytes) + temp_b + int(mem.output_size_in_bytes) \
       - int(mem.alias_size_in_bytes) + int(mem.generated_code_size_in_bytes)
   ro = rollout_bytes_per_chip(cfg, mesh)
-  rollout_b = params_b + opt_b + ro["cache"] + ro["logits"]
+  shaped_b = params_b + opt_b + ro["cache"] + ro["logits"]
+  print(f"compiling the rollout engine's decode step ({cfg.rl.slots} slots) for {topology} ...", file=sys.stderr,
+        flush=True)
+  dec = decode_step_report(cfg, mesh, shape)
+  # The train state stays; the decode step adds its slot state (arguments less the weights, which are the
+  # trainer's parameters), outputs not aliased to the donated slot state, temporaries and code.
+  decode_b = dec["argument"] - dec["weights"] + dec["output"] - dec["alias"] + dec["temp"] + dec["code"]
+  rollout_b = params_b + opt_b + decode_b
   per_chip = max(update_b, rollout_b)
+  decode = {"decode_attention": dec["attention"], "decode_argument_gib": dec["argument"] / GIB,
+            "decode_output_gib": dec["output"] / GIB, "decode_alias_gib": dec["alias"] / GIB,
+            "decode_temporaries_gib": dec["temp"] / GIB, "decode_code_gib": dec["code"] / GIB,
+            "decode_slot_state_gib": dec["carry"] / GIB, "decode_cache_gib": dec["cache"] / GIB,
+            "decode_layer_cache_gib": dec["layer_cache"] / GIB, "decode_step_gib": decode_b / GIB,
+            "rollout_shapes_gib": shaped_b / GIB, "rollout_shapes_fits": max(update_b, shaped_b) / GIB <= hbm}
+  if "pallas_error" in dec:
+    decode["decode_pallas_error"] = dec["pallas_error"]
   report = {**base, "params_gib": params_b / GIB, "optimizer_gib": opt_b / GIB, "batch_gib": batch_b / GIB,
             "temporaries_gib": temp_b / GIB, "update_gib": update_b / GIB, "kv_cache_gib": ro["cache"] / GIB,
             "decode_logits_gib": ro["logits"] / GIB, "rollout_gib": rollout_b / GIB,
-            "rollout_sequences": ro["sequences"], "rollout_length": ro["length"],
+            "rollout_sequences": ro["sequences"], "rollout_length": ro["length"], **decode,
             "per_chip_gib": per_chip / GIB, "fits": per_chip / GIB <= hbm}
   print(format_report(report), file=sys.stderr, flush=True)
   return report
@@ -96,10 +165,19 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
 def format_report(r: dict) -> str:
   rows = [("parameters", r["params_gib"]), ("optimizer state", r["optimizer_gib"]), ("RL batch", r["batch_gib"]),
           ("step temporaries", r["temporaries_gib"]), ("update phase", r["update_gib"]),
-          (f"KV cache ({r['rollout_sequences']} x {r['rollout_length']})", r["kv_cache_gib"]),
-          ("decode logits", r["decode_logits_gib"]), ("rollout phase", r["rollout_gib"]),
+          (f"decode step ({r['decode_attention']} attention):", None),
+          ("  arguments", r["decode_argument_gib"]), ("    of which KV cache", r["decode_cache_gib"]),
+          ("    of which other slot state", r["decode_slot_state_gib"] - r["decode_cache_gib"]),
+          ("  outputs (aliased)", r["decode_output_gib"]), ("  temporaries", r["decode_temporaries_gib"]),
+          ("  (one layer's K+V cache)", r["decode_layer_cache_gib"]),
+          ("rollout phase (compiled)", r["rollout_gib"]),
+          (f"from shapes: KV cache ({r['rollout_sequences']} x {r['rollout_length']})", r["kv_cache_gib"]),
+          ("from shapes: decode logits", r["decode_logits_gib"]),
+          ("from shapes: rollout phase", r["rollout_shapes_gib"]),
           ("peak per chip", r["per_chip_gib"]), ("HBM per chip", r["hbm_gib"])]
   lines = [f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}"]
-  lines += [f"  {name:<26} {gib:9.2f} GiB" for name, gib in rows]
+  lines += [f"  {name:<40}" + ("" if gib is None else f" {gib:9.2f} GiB") for name, gib in rows]
+  if "decode_pallas_error" in r:
+    lines.append(f"  (the Pallas decode kernel did not compile under the mesh: {r['decode_pallas_error']})")
   lines.append("  trainer and sampler fit together" if r["fits"] else "  DOES NOT FIT")
   return "\n".join(lines)
