@@ -81,6 +81,9 @@ class Rollouts:
     out = self.engine.generate([Request(p, self.params(s), n=n) for p, s in zip(prompts, seeds)])
     groups = out.groups
     if self.keep_features:
+      if len(out.vision_features) != len(prompts):
+        raise ValueError(f"rl: the rollout engine returned vision features for {len(out.vision_features)} of "
+                         f"{len(prompts)} prompts")
       # The engine's (1, P bucket, Dv) tower output (on this process's devices) -> the prompt's own patches.
       self.features = [None if f is None else np.asarray(f[0, :len(p.pixel_values)], np.float32)
                        for p, f in zip(prompts, out.vision_features)]
