@@ -35,6 +35,19 @@ from train.rl.update import rl_loss_fn
 from train.step import abstract_state, make_step
 
 
+class _Shape:
+  def __init__(self, shape: dict):
+    self.shape = shape
+
+
+def per_host_mesh_shape(sizes: dict, per_host: int) -> dict:
+  """The mesh one process's rollout engine runs on (as train/rl/rollouts.py `hosts_mesh` lays it out)."""
+  model = sizes.get("tensor", 1) * sizes.get("context", 1)
+  local = dict(sizes, fsdp=math.gcd(sizes.get("fsdp", 1), per_host // model))
+  local["data"] = per_host // (model * local["fsdp"])
+  return local
+
+
 def rl_abstract_batch(cfg, mesh) -> dict:
   """The pre-training batch's arrays plus the RL per-token fields (and ref log-probs with a KL term)."""
   batch = abstract_batch(cfg, mesh)
@@ -153,6 +166,11 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
             "rollout_shapes_gib": shaped_b / GIB, "rollout_shapes_fits": max(update_b, shaped_b) / GIB <= hbm}
   if "pallas_error" in dec:
     decode["decode_pallas_error"] = dec["pallas_error"]
+  hosts = len({d.process_index for d in devices})
+  if hosts > 1:   # train/rl/rollouts.py: each process runs its own engine, all rl.slots slots on its own chips
+    local = per_host_mesh_shape(dict(mesh.shape), len(devices) // hosts)
+    decode.update(hosts=hosts, per_host_engine_mesh=local,
+                  per_host_engine_kv_cache_gib=rollout_bytes_per_chip(cfg, _Shape(local))["cache"] / GIB)
   report = {**base, "params_gib": params_b / GIB, "optimizer_gib": opt_b / GIB, "batch_gib": batch_b / GIB,
             "temporaries_gib": temp_b / GIB, "update_gib": update_b / GIB, "kv_cache_gib": ro["cache"] / GIB,
             "decode_logits_gib": ro["logits"] / GIB, "rollout_gib": rollout_b / GIB,
@@ -177,6 +195,10 @@ def format_report(r: dict) -> str:
           ("peak per chip", r["per_chip_gib"]), ("HBM per chip", r["hbm_gib"])]
   lines = [f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}"]
   lines += [f"  {name:<40}" + ("" if gib is None else f" {gib:9.2f} GiB") for name, gib in rows]
+  if "hosts" in r:
+    lines.append(f"  NOTE: {r['hosts']} hosts: a multi-process run gives each process its own engine with all "
+                 f"{r['rollout_sequences']} slots on mesh {r['per_host_engine_mesh']}: KV cache "
+                 f"{r['per_host_engine_kv_cache_gib']:.2f} GiB per chip (from shapes), not the figures above")
   if "decode_pallas_error" in r:
     lines.append(f"  (the Pallas decode kernel did not compile under the mesh: {r['decode_pallas_error']})")
   lines.append("  trainer and sampler fit together" if r["fits"] else "  DOES NOT FIT")
