@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
@@ -80,10 +81,13 @@ class Rollout:
   trace_counts: dict                # jitted function -> times traced (compiled) so far by this engine
   vision_tokens: list               # per request: projected vision tokens (1, T, D) on the device, or None
   vision_features: list = dataclasses.field(default_factory=list)  # per request: tower output (1, P, Dv) or None
+  slot_steps: int = 0               # sum over decode steps of the slots computed (fewer in the tail phase)
+  decode_seconds: float = 0.0       # wall time inside the decode loop (incl. reading back its results)
 
   @property
   def slot_utilisation(self) -> float:
-    return self.busy_slot_steps / max(1, self.decode_steps * self.slots)
+    """Running rows over rows computed, per decode step."""
+    return self.busy_slot_steps / max(1, self.slot_steps or self.decode_steps * self.slots)
 
   def __len__(self):
     return len(self.groups)
@@ -98,11 +102,18 @@ class Rollout:
 class RolloutEngine:
   """Continuous batching over `slots` decode rows for a KeyeVL model (weights are arguments, never
   constants). `chunk`: decode steps between host looks when a request has stop strings. With `mesh`,
-  the slots are split over its data/fsdp axes and the cache follows the model's sharding rules."""
+  the slots are split over its data/fsdp axes and the cache follows the model's sharding rules.
+
+  `tail_slots`: smaller slot counts the last running rows move to once nothing waits (each a compiled
+  decode of its own). On the CPU a step costs in proportion to its rows, and a long-tailed rollout
+  spends most of its steps on a few long samples (bench_rollout: 401 of 694 steps with <= 8 of 32 rows
+  running); on a TPU a decode step streams the weights whatever its rows and the ragged kernel skips
+  finished rows' cache, so the default there is none."""
 
   def __init__(self, model: KeyeVL, tokenizer=None, *, slots: int = 32, mesh=None,
                stop_token_ids: Sequence[int] | None = None, length_buckets=LENGTH_BUCKETS,
-               new_token_buckets=NEW_TOKEN_BUCKETS, patch_buckets=PATCH_BUCKETS, chunk: int = 32):
+               new_token_buckets=NEW_TOKEN_BUCKETS, patch_buckets=PATCH_BUCKETS, chunk: int = 32,
+               tail_slots: Sequence[int] | None = None):
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(model)
     self._shardings = jax.tree.map(lambda a: a.sharding, self.state)
@@ -120,7 +131,13 @@ class RolloutEngine:
     self._new_carry = jax.jit(self._new_carry_fn, static_argnames=("cache_len", "new_len"))
     self._insert = jax.jit(self._insert_fn, static_argnames=("greedy",), donate_argnums=(0,))
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy",), donate_argnums=(1,))
+    self._shrink = jax.jit(self._shrink_fn, static_argnames=("slots",))
     self._carry, self._carry_shape = None, ()
+    rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    if tail_slots is None:
+      tail_slots = (self.slots // 4, self.slots // 16) if jax.default_backend() == "cpu" else ()
+    self.tail_slots = tuple(sorted({int(n) for n in tail_slots if 0 < n < self.slots and n % rows == 0},
+                                   reverse=True))
 
   def set_weights(self, model_or_state) -> None:
     """New weights (a KeyeVL or its nnx.State, same structure/shapes/dtypes), put onto the engine's
@@ -196,8 +213,9 @@ class RolloutEngine:
       c[name] = carry[name].at[slot].set(value)
     return _constrain_carry(c)
 
-  def _decode_fn(self, state, carry, limit, refill, *, greedy):
-    """At most `limit` steps of every slot; with `refill`, stops as soon as a running row finishes."""
+  def _decode_fn(self, state, carry, limit, refill, stop_below, *, greedy):
+    """At most `limit` steps of every slot; with `refill`, stops as soon as a running row finishes;
+    stops too once at most `stop_below` rows are running (they then move to fewer slots)."""
     self.trace_counts["decode"] += 1
     model = nnx.merge(self.graphdef, state)
     dec, t = model.decoder, model.decoder.cfg
@@ -237,11 +255,24 @@ class RolloutEngine:
 
     def cond(c):
       running = jnp.sum(c["active"])
-      return (c["loop"] < limit) & (running > 0) & ~(refill & (running < running_at_entry))
+      return ((c["loop"] < limit) & (running > 0) & ~(refill & (running < running_at_entry))
+              & ~((running <= stop_below) & (running < running_at_entry)))
 
     out = jax.lax.while_loop(cond, body, dict(carry, loop=jnp.zeros((), jnp.int32)))
     out.pop("loop")
     return out
+
+  def _shrink_fn(self, carry, rows, *, slots):
+    """The slot state of rows `rows` (slots,) of `carry`, as a carry of `slots` rows (the tail phase)."""
+    self.trace_counts["shrink"] += 1
+    take = lambda a, axis=0: jnp.take(a, rows, axis=axis)
+    cache = carry["cache"]
+    kv = lambda x: [take(a) for a in x] if isinstance(x, list) else take(x, 1)
+    small = {k: (v if jnp.ndim(v) == 0 else take(v)) for k, v in carry.items() if k != "cache"}
+    small["cache"] = dict(k=kv(cache["k"]), v=kv(cache["v"]), segment_ids=take(cache["segment_ids"]),
+                          index=take(cache["index"]), pending_k=take(cache["pending_k"], 1),
+                          pending_v=take(cache["pending_v"], 1))
+    return _constrain_carry(small)
 
   # ---- host loop --------------------------------------------------------------------------------
 
@@ -279,8 +310,10 @@ class RolloutEngine:
         shape = (max(cache_len, shape[0] if shape else 0), max(new_len, shape[1] if shape else 0))
         carry = self._new_carry(self.state, cache_len=shape[0], new_len=shape[1])
       steps0, busy0 = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
+      big, slot_steps, decode_s, tails = None, 0, 0.0, list(self.tail_slots)   # big: the full state, once shrunk
+      last_steps = steps0
       while queue or any(o is not None for o in owner):
-        for slot in range(self.slots):
+        for slot in range(len(owner)):
           if owner[slot] is not None or not queue:
             continue
           i, j = queue.popleft()
@@ -293,9 +326,15 @@ class RolloutEngine:
           if left[i] == 0:
             del prompts[i]                            # its K/V are no longer needed
         limit = self.chunk if watch else shape[1]
-        carry = self._decode(self.state, carry, jnp.int32(limit), jnp.bool_(bool(queue)), greedy=greedy)
-        active, length, stopped = jax.device_get((carry["active"], carry["length"], carry["stopped"]))
-        finished = [s for s in range(self.slots) if owner[s] is not None and not active[s]]
+        tails = [n for n in tails if n < len(owner)]
+        t0 = time.perf_counter()
+        carry = self._decode(self.state, carry, jnp.int32(limit), jnp.bool_(bool(queue)),
+                             jnp.int32(tails[0] if tails and not queue else 0), greedy=greedy)
+        active, length, stopped, n = jax.device_get((carry["active"], carry["length"], carry["stopped"],
+                                                     carry["steps"]))
+        decode_s += time.perf_counter() - t0
+        slot_steps, last_steps = slot_steps + (int(n) - last_steps) * len(owner), int(n)
+        finished = [s for s in range(len(owner)) if owner[s] is not None and not active[s]]
         if watch:
           carry, finished = self._stop_strings(carry, reqs, owner, active, length, finished)
           stopped = np.asarray(jax.device_get(carry["stopped"]))
@@ -307,10 +346,23 @@ class RolloutEngine:
             groups[i][j] = finish_generation(self.decode, tokens[s, :length[s]], logprobs[s, :length[s]],
                                              bool(stopped[s]), p.stop_strings, self._stop_ids(p))
             owner[s] = None
+        running = [s for s in range(len(owner)) if owner[s] is not None]
+        if not queue and tails and running and len(running) <= tails[0]:
+          # Nothing waits: the running rows move to a smaller slot state (the full one is kept for reuse).
+          n = min(m for m in tails if m >= len(running))
+          rows = running + [s for s in range(len(owner)) if owner[s] is None][:n - len(running)]
+          if big is None:
+            big = carry
+          carry = self._shrink(carry, jnp.asarray(rows, jnp.int32), slots=n)
+          owner = [owner[r] for r in rows]
+          tails = [m for m in tails if m < n]
       steps, busy = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
-    self._carry, self._carry_shape = carry, shape
+      if big is not None:                             # its rows moved on: none runs there any more
+        big = dict(big, steps=carry["steps"], busy=carry["busy"], active=jnp.zeros_like(big["active"]))
+    self._carry, self._carry_shape = (carry if big is None else big), shape
     return Rollout(groups=groups, vision_encodes=counts["encode"], prefills=counts["prefill"],
                    decode_steps=steps - steps0, busy_slot_steps=busy - busy0, slots=self.slots,
+                   slot_steps=slot_steps, decode_seconds=decode_s,
                    trace_counts=dict(self.trace_counts), vision_tokens=vision_tokens,
                    vision_features=vision_features)
 
@@ -355,7 +407,7 @@ class RolloutEngine:
     """Running rows whose text holds one of their stop strings finish now (their slots free up)."""
     tokens = None
     hits = []
-    for s in range(self.slots):
+    for s in range(len(owner)):
       if owner[s] is None or not active[s] or not reqs[owner[s][0]].sample_params(owner[s][1]).stop_strings:
         continue
       if tokens is None:
@@ -367,7 +419,7 @@ class RolloutEngine:
         hits.append(s)
     if not hits:
       return carry, finished
-    mask = np.zeros(self.slots, bool)
+    mask = np.zeros(len(owner), bool)
     mask[hits] = True
     mask = jnp.asarray(mask)
     carry = dict(carry, active=carry["active"] & ~mask, stopped=carry["stopped"] | mask)
