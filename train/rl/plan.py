@@ -195,6 +195,9 @@ def format_report(r: dict) -> str:
           ("peak per chip", r["per_chip_gib"]), ("HBM per chip", r["hbm_gib"])]
   lines = [f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}"]
   lines += [f"  {name:<40}" + ("" if gib is None else f" {gib:9.2f} GiB") for name, gib in rows]
+  if r["decode_temporaries_gib"] >= r["decode_cache_gib"]:
+    lines.append("  NOTE: the decode step's temporaries are at least a whole KV cache: the compiled loop holds a "
+                 "second cache-sized buffer")
   if "hosts" in r:
     lines.append(f"  NOTE: {r['hosts']} hosts: a multi-process run gives each process its own engine with all "
                  f"{r['rollout_sequences']} slots on mesh {r['per_host_engine_mesh']}: KV cache "
