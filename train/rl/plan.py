@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 
 import jax
@@ -96,6 +97,7 @@ def compile_decode_step(cfg, mesh, shape: ModelShape | None = None) -> dict:
     compiled = engine._decode.lower(engine.state, carry, scalar(jnp.int32), scalar(jnp.bool_), scalar(jnp.int32),
                                     greedy=False).compile()
   mem = compiled.memory_analysis()
+  text = compiled.as_text()
   kv = [carry["cache"]["k"], carry["cache"]["v"]]
   cache_b = per_chip_bytes(kv)
   layers = cfg.model.text.num_layers
@@ -103,8 +105,17 @@ def compile_decode_step(cfg, mesh, shape: ModelShape | None = None) -> dict:
           "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
           "code": int(mem.generated_code_size_in_bytes), "weights": per_chip_bytes(engine.state),
           "carry": per_chip_bytes(carry), "cache": cache_b, "layer_cache": cache_b // layers,
-          "attention": "pallas" if "ragged_decode_attention" in compiled.as_text() else "xla",
-          "cache_len": cache_len, "slots": r.slots}
+          "attention": "pallas" if "ragged_decode_attention" in text else "xla",
+          "cache_copies": _copies(text, jax.tree.leaves(kv[0])[0]), "cache_len": cache_len, "slots": r.slots}
+
+
+def _copies(hlo: str, kv) -> dict:
+  """Copy ops in the compiled program of one chip's K (or V) cache array (`whole`: e.g. a layout change) and
+  of one layer's slice of a stacked cache (`layer`: e.g. an operand of a custom call inside the layer scan)."""
+  shard = kv.sharding.shard_shape(kv.shape)
+  name = jnp.dtype(kv.dtype).name.replace("bfloat16", "bf16").replace("float", "f")
+  count = lambda shape: len(re.findall(re.escape(f"= {name}[{','.join(map(str, shape))}]") + r"\{[^}]*\} copy\(", hlo))
+  return {"whole": count(shard), "layer": count((1, *shard[1:])) if len(shard) == 5 else 0}
 
 
 def decode_step_report(cfg, mesh, shape: ModelShape) -> dict:
@@ -162,7 +173,7 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
             "decode_output_gib": dec["output"] / GIB, "decode_alias_gib": dec["alias"] / GIB,
             "decode_temporaries_gib": dec["temp"] / GIB, "decode_code_gib": dec["code"] / GIB,
             "decode_slot_state_gib": dec["carry"] / GIB, "decode_cache_gib": dec["cache"] / GIB,
-            "decode_layer_cache_gib": dec["layer_cache"] / GIB, "decode_step_gib": decode_b / GIB,
+            "decode_layer_cache_gib": dec["layer_cache"] / GIB, "decode_cache_copies": dec["cache_copies"], "decode_step_gib": decode_b / GIB,
             "rollout_shapes_gib": shaped_b / GIB, "rollout_shapes_fits": max(update_b, shaped_b) / GIB <= hbm}
   if "pallas_error" in dec:
     decode["decode_pallas_error"] = dec["pallas_error"]
@@ -195,9 +206,13 @@ def format_report(r: dict) -> str:
           ("peak per chip", r["per_chip_gib"]), ("HBM per chip", r["hbm_gib"])]
   lines = [f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}"]
   lines += [f"  {name:<40}" + ("" if gib is None else f" {gib:9.2f} GiB") for name, gib in rows]
-  if r["decode_temporaries_gib"] >= r["decode_cache_gib"]:
-    lines.append("  NOTE: the decode step's temporaries are at least a whole KV cache: the compiled loop holds a "
-                 "second cache-sized buffer")
+  copies = r.get("decode_cache_copies", {})
+  if copies.get("whole"):
+    lines.append(f"  NOTE: the compiled decode step copies the whole K/V cache ({copies['whole']} cache-sized copy "
+                 "ops, e.g. a layout change around the decode loop): that copy is in its temporaries")
+  if copies.get("layer"):
+    lines.append(f"  NOTE: it copies one layer's K/V slice out of the stacked cache ({copies['layer']} copy ops) "
+                 "for the attention kernel inside the layer scan")
   if "hosts" in r:
     lines.append(f"  NOTE: {r['hosts']} hosts: a multi-process run gives each process its own engine with all "
                  f"{r['rollout_sequences']} slots on mesh {r['per_host_engine_mesh']}: KV cache "
