@@ -220,7 +220,7 @@ def format_report(r: dict) -> str:
                  "ops, e.g. a layout change around the decode loop): that copy is in its temporaries")
   if copies.get("layer"):
     lines.append(f"  NOTE: it copies one layer's K/V slice out of the stacked cache ({copies['layer']} copy ops) "
-                 "for the attention kernel inside the layer scan")
+                 "inside the layer scan")
   if "hosts" in r:
     lines.append(f"  NOTE: {r['hosts']} hosts: a multi-process run gives each process its own engine with all "
                  f"{r['rollout_sequences']} slots on mesh {r['per_host_engine_mesh']}: KV cache "
