@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 NO_KEYS = -1e30       # lse of a row without valid slots: exp(NO_KEYS - m) is an exact 0 for any real m
 IMPLS = ("auto", "xla", "pallas")
@@ -72,5 +73,15 @@ def cache_attention(q, k_cache, v_cache, segment_ids, lengths, *, scale: float, 
   if impl == "xla":
     return xla_cache_attention(q, k_cache, v_cache, segment_ids, lengths, scale=scale)
   from kernels.ragged_decode import ragged_decode_attention
-  return ragged_decode_attention(q, k_cache, v_cache, segment_ids, lengths, scale=scale,
-                                 interpret=(not on_tpu) if interpret is None else interpret)
+  kernel = lambda *a: ragged_decode_attention(*a, scale=scale,
+                                              interpret=(not on_tpu) if interpret is None else interpret)
+  # Mosaic kernels are not partitioned automatically: inside a sharded program (the rollout engine's
+  # slots over data/fsdp, KV heads over tensor) the kernel runs per shard under shard_map.
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return kernel(q, k_cache, v_cache, segment_ids, lengths)
+  rows = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1) or None
+  heads = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+  bh, b = P(rows, heads), P(rows)
+  return jax.shard_map(kernel, in_specs=(bh, bh, bh, b, b), out_specs=(bh, bh), check_vma=False)(
+      q, k_cache, v_cache, segment_ids, lengths)
