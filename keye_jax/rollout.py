@@ -108,7 +108,7 @@ class RolloutEngine:
   decode of its own). On the CPU a step costs in proportion to its rows, and a long-tailed rollout
   spends most of its steps on a few long samples (bench_rollout: 401 of 694 steps with <= 8 of 32 rows
   running); on a TPU a decode step streams the weights whatever its rows and the ragged kernel skips
-  finished rows' cache, so the default there is none."""
+  finished rows' cache, so the default there is none (on the CPU: slots/4 and slots/16 from 16 slots)."""
 
   def __init__(self, model: KeyeVL, tokenizer=None, *, slots: int = 32, mesh=None,
                stop_token_ids: Sequence[int] | None = None, length_buckets=LENGTH_BUCKETS,
@@ -135,7 +135,9 @@ class RolloutEngine:
     self._carry, self._carry_shape = None, ()
     rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
     if tail_slots is None:
-      tail_slots = (self.slots // 4, self.slots // 16) if jax.default_backend() == "cpu" else ()
+      # (below 16 slots the saving is smaller than the extra compiles)
+      tail_slots = ((self.slots // 4, self.slots // 16) if jax.default_backend() == "cpu" and self.slots >= 16
+                    else ())
     self.tail_slots = tuple(sorted({int(n) for n in tail_slots if 0 < n < self.slots and n % rows == 0},
                                    reverse=True))
 

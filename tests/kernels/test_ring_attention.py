@@ -1,3 +1,4 @@
+import pytest
 """Ring attention on 8 virtual CPU devices equals single-device attention (outputs and q/k/v gradients).
 
 The device count must be fixed before jax is imported, so the checks run in a fresh interpreter
@@ -64,6 +65,7 @@ def _checks():
                                               impl="pallas", block_q=32, block_kv=32), True)
 
 
+@pytest.mark.slow   # 27 s idle: the fast suite must stay within the CI budget; run with -m slow
 def test_ring_attention_on_eight_virtual_devices():
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

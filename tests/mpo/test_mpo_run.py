@@ -30,6 +30,7 @@ def _cfg(pairs_dir, tokenizer_dir, run_dir, steps):
     "mesh": {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, "run_dir": str(run_dir)})
 
 
+@pytest.mark.slow   # 25 s idle: the fast suite must stay within the CI budget; run with -m slow
 def test_reference_once_and_exact_resume(pairs_dir, tokenizer_dir, tmp_path):
   from train.loop import train
   before = dict(mpo.REFERENCE_STATS)

@@ -11,6 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# A rollout engine, the RL step and the reference pass are compiled: ~35 s idle, ~65 s loaded. The fast
+# suite covers encode-once in tests/generate/test_rollout.py; this file runs with -m slow.
+pytestmark = pytest.mark.slow
 from flax import nnx
 
 from keye_jax.config import KeyeConfig

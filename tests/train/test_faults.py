@@ -33,6 +33,7 @@ def _finish(proc, timeout=600, want_err=False):
   return (result, err) if want_err else result
 
 
+@pytest.mark.slow   # 27 s idle: the fast suite must stay within the CI budget; run with -m slow
 def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path):
   steps = 10
   straight = write_config(tmp_path / "a.yaml", tmp_path / "straight", steps=steps)

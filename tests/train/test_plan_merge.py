@@ -31,6 +31,7 @@ def test_plan_reports_what_does_not_fit(tmp_path):
   assert out["per_chip_gib"] is not None and out["per_chip_gib"] > 16.0, out["error"]  # the compiler's figure
 
 
+@pytest.mark.slow   # 39 s idle: the fast suite must stay within the CI budget; run with -m slow
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
   one = write_config(tmp_path / "one.yaml", tmp_path / "one", steps=3, mesh={"fsdp": -1},
                      data={"seq_len": 64, "num_patches": 32, "batch_size": 8})

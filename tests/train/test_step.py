@@ -148,6 +148,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow   # 48 s idle: the fast suite must stay within the CI budget; run with -m slow
 def test_step_equal_on_one_device_fsdp8_and_dp2_fsdp2_tp2():
   out = run_python(MESH_CODE, devices=8)
   ref = out.pop("one")
