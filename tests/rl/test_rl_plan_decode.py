@@ -16,7 +16,7 @@ from keye_jax.sharding import make_mesh
 from train.model_state import ModelShape
 from train.plan import per_chip_bytes, tpu_devices
 from train.rl.config import load_rl_config
-from train.rl.plan import decode_step_report, rollout_bytes_per_chip
+from train.rl.plan import compile_decode_step, rollout_bytes_per_chip
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
@@ -31,8 +31,8 @@ def test_decode_step_compiles_for_v5p_and_its_memory_matches_the_shapes():
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="auto"))
   mesh = make_mesh(cfg.mesh, tpu_devices("v5p:2x2x1"))
   shape = ModelShape.of(cfg.model)
-  dec = decode_step_report(cfg, mesh, shape)
-  assert dec["attention"] == "pallas" and not dec.get("pallas_error"), dec
+  dec = compile_decode_step(cfg, mesh, shape)
+  assert dec["attention"] == "pallas", dec
 
   shaped = rollout_bytes_per_chip(cfg, mesh)
   assert dec["cache_len"] == shaped["length"] == 256 and dec["slots"] == 32

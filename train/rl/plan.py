@@ -119,21 +119,6 @@ def _copies(hlo: str, kv) -> dict:
   return {"whole": count(shard), "layer": count((1, *shard[1:])) if len(shard) == 5 else 0}
 
 
-def decode_step_report(cfg, mesh, shape: ModelShape) -> dict:
-  """`compile_decode_step` for the config's attention; when the Pallas decode kernel does not compile under
-  the mesh, the step again with XLA attention over the cache, the kernel's error kept ("pallas_error")."""
-  try:
-    return compile_decode_step(cfg, mesh, shape)
-  except NotImplementedError as e:   # "Mosaic kernels cannot be automatically partitioned ..."
-    if cfg.model.attention_impl == "xla" or "Mosaic" not in str(e):
-      raise
-    error = str(e).splitlines()[0]
-  xla = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla"))
-  print(f"the decode step with the Pallas decode kernel does not compile under mesh {dict(mesh.shape)} "
-        f"({error}); compiling it with XLA attention instead ...", file=sys.stderr, flush=True)
-  return {**compile_decode_step(xla, mesh, ModelShape.of(xla.model)), "pallas_error": error}
-
-
 def plan(config_path: str, topology: str, overrides=()) -> dict:
   cfg = load_rl_config(config_path, overrides)
   devices = tpu_devices(topology)
@@ -165,7 +150,7 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
   print(f"compiling the rollout engine's decode step ({cfg.rl.slots} slots) for {topology} ...", file=sys.stderr,
         flush=True)
   try:
-    dec = decode_step_report(cfg, mesh, shape)
+    dec = compile_decode_step(cfg, mesh, shape)
   except Exception as e:
     oom = out_of_memory(e)
     if oom is None:
@@ -183,8 +168,6 @@ def plan(config_path: str, topology: str, overrides=()) -> dict:
             "decode_slot_state_gib": dec["carry"] / GIB, "decode_cache_gib": dec["cache"] / GIB,
             "decode_layer_cache_gib": dec["layer_cache"] / GIB, "decode_cache_copies": dec["cache_copies"], "decode_step_gib": decode_b / GIB,
             "rollout_shapes_gib": shaped_b / GIB, "rollout_shapes_fits": max(update_b, shaped_b) / GIB <= hbm}
-  if "pallas_error" in dec:
-    decode["decode_pallas_error"] = dec["pallas_error"]
   hosts = len({d.process_index for d in devices})
   if hosts > 1:   # train/rl/rollouts.py: each process runs its own engine, all rl.slots slots on its own chips
     local = per_host_mesh_shape(dict(mesh.shape), len(devices) // hosts)
@@ -225,7 +208,5 @@ def format_report(r: dict) -> str:
     lines.append(f"  NOTE: {r['hosts']} hosts: a multi-process run gives each process its own engine with all "
                  f"{r['rollout_sequences']} slots on mesh {r['per_host_engine_mesh']}: KV cache "
                  f"{r['per_host_engine_kv_cache_gib']:.2f} GiB per chip (from shapes), not the figures above")
-  if "decode_pallas_error" in r:
-    lines.append(f"  (the Pallas decode kernel did not compile under the mesh: {r['decode_pallas_error']})")
   lines.append("  trainer and sampler fit together" if r["fits"] else "  DOES NOT FIT")
   return "\n".join(lines)
