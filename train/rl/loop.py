@@ -1,7 +1,8 @@
 """`keye rl CONFIG`: GSPO reinforcement learning, colocated on the trainer's mesh.
 
 One RL step (a rollout batch), in every process for its own prompts:
-  prompts     rl.prompts_per_step / processes from the Grain prompt stream (train/rl/prompts.py)
+  prompts     rl.prompts_per_step / processes of the step's rl.prompts_per_step prompts, selected from the
+              Grain prompt stream globally: the same prompts whatever the process count (train/rl/prompts.py)
   rollout     G responses per prompt from the current parameters, in place (train/rl/rollouts.py)
   rewards     the configured rewards (train/rewards), correctness by the rule verifier
   hints       a prompt whose whole group fails and has a reference solution is re-sampled with hints
@@ -160,7 +161,7 @@ class RLRun:
     cfg, r = self.cfg, self.cfg.rl
     g = r.group_size
     t0 = time.perf_counter()
-    prompts = [next(self.stream) for _ in range(r.prompts_per_step // jax.process_count())]
+    prompts = self.stream.take(r.prompts_per_step)  # this process's share, in key order
     t_data = time.perf_counter() - t0
     # Rollout with the current parameters, in place.
     t1 = time.perf_counter()

@@ -16,8 +16,20 @@ None, `meta` (the fields above plus `prompt`, the last user turn's text), `key` 
 the global mixture: the same whatever the number of processes; it seeds the prompt's sampling) and `raw`
 (the source item, to re-encode the prompt with a hint appended).
 
-The iterator's checkpoint state is Grain's read position plus `host_state`, a JSON dict the RL loop keeps
-there (pass rates, hint records), so both are saved per process with the data, and restored with it.
+Global selection (`PromptStream.take(K)`): a step's K prompts are the next K valid elements of the global
+mixture, whatever the number of processes n. Process j decodes (in its Grain workers) only its shard, the
+elements e = j (mod n). A step reads in rounds: the next `need` global elements [cursor, cursor + need),
+each process its own of them, and the processes allgather one flag per element (valid, skipped, or past
+the end); the valid ones are selected, the cursor moves past the range, need = K - selected, until K.
+Only elements a step selects or skips are ever read, so after a step every process's Grain position is
+exactly the global cursor: the checkpoint holds both, and a resumed run continues identically. Then each
+process takes K/n of the selected prompts (`assign`): its own first, the surplus of others going to those
+short of K/n; a moved prompt is decoded again by its new process (main thread, random access into the
+mixture). With nothing skipped in a step no prompt moves. A process's prompts come in key order.
+
+The iterator's checkpoint state is Grain's read position, the global cursor, and `host_state`, a JSON dict
+the RL loop keeps there (pass rates, hint records), so all are saved per process with the data, and
+restored with it.
 """
 
 from __future__ import annotations
@@ -169,51 +181,142 @@ def split_record(record: dict, where: str) -> tuple[list[dict], dict]:
 
 
 MAX_SKIPPED_IN_A_ROW = 10000
+VALID, SKIPPED, ENDED, UNREAD = 1, 0, -1, -2  # an element's flag in a selection round
+
+
+def first_element(start: int, n: int, j: int) -> int:
+  """Process j's first global element at or after `start` (process j holds the elements e = j mod n)."""
+  return start + (j - start) % n
+
+
+def elements_of(start: int, need: int, n: int, j: int) -> range:
+  """Process j's global elements in [start, start + need), in order."""
+  return range(first_element(start, n, j), start + need, n)
+
+
+def assign(selected: list[int], n: int) -> list[list[int]]:
+  """The selected global elements (len a multiple of n) -> per process its len/n elements, in key order:
+  each process keeps its own (element mod n) lowest first; the surplus, lowest first, fills the processes
+  short of len/n, lowest process first."""
+  q = len(selected) // n
+  own = [sorted(e for e in selected if e % n == j) for j in range(n)]
+  surplus = sorted(e for o in own for e in o[q:])
+  out = []
+  for o in own:
+    take = q - min(len(o), q)
+    out.append(sorted(o[:q] + surplus[:take]))
+    surplus = surplus[take:]
+  return out
+
+
+def _allgather(flags: np.ndarray) -> np.ndarray:
+  """(L,) int32 of this process -> (n, L): every process's."""
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, len(flags))
 
 
 class PromptStream(grain.DatasetIterator):
-  """Yields decoded prompts of this process, skipping bad and filtered ones (counted in `stats`)."""
+  """This process's share of the globally selected prompts (module docstring); bad and filtered prompts of
+  its shard are counted in `stats`. `take(K)` is collective: every process calls it with the same K.
+  `fetch(key)` decodes global element `key` here (moved prompts); `allgather` exchanges the round flags."""
 
   def __init__(self, parent: grain.DatasetIterator, decoders: list[PromptDecoder], names: list[str],
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, *, fetch=None, allgather=None):
     super().__init__(parent)
     self.decoders, self.names = decoders, names
     self.process_index, self.process_count = process_index, process_count
+    self.fetch, self.allgather = fetch, allgather or _allgather
+    self.cursor = 0  # the next global element no step has read
     self.host_state: dict = {}
-    self._stats = {"prompts": 0, "bad": {}, "skipped": {}}
+    self._stats = {"prompts": 0, "bad": {}, "skipped": {}, "moved_in": 0}
 
   def __next__(self) -> dict:
-    run = 0  # prompts skipped in a row
-    while True:
+    """One prompt of this process (collective: `take` of one prompt per process)."""
+    return self.take(self.process_count)[0]
+
+  def take(self, k: int) -> list[dict]:
+    """This process's k/n of the next k globally selected prompts, in key order."""
+    n, j = self.process_count, self.process_index
+    if k % n:
+      raise ValueError(f"{k} prompts per step cannot be split evenly over {n} processes")
+    selected, mine, run = [], {}, 0  # run: elements skipped in a row
+    while len(selected) < k:
+      need = k - len(selected)
+      elements = elements_of(self.cursor, need, n, j)
+      flags = np.full(-(-need // n), UNREAD, np.int32)
+      for p, e in enumerate(elements):
+        item = self._read(e)
+        flags[p] = ENDED if item is None else SKIPPED if item is False else VALID
+        if isinstance(item, dict):
+          mine[e] = item
+      every = flags[None] if n == 1 else self.allgather(flags)
+      for e in range(self.cursor, self.cursor + need):
+        owner = e % n
+        f = every[owner][(e - first_element(self.cursor, n, owner)) // n]
+        if f == ENDED:
+          raise StopIteration
+        if f == VALID:
+          selected.append(e)
+          run = 0
+        else:
+          run += 1
+          if run > MAX_SKIPPED_IN_A_ROW:
+            raise ValueError(f"the prompt sources yielded {MAX_SKIPPED_IN_A_ROW} bad or filtered prompts in a row "
+                             f"(skipped here: {self._stats['skipped']}, bad: {self._stats['bad']}); check "
+                             f"data.sources, rl.max_prompt_len / rl.max_prompt_patches, rl.categories and "
+                             f"rl.pass_rates_from")
+      self.cursor += need
+    out = []
+    for e in assign(selected, n)[j]:
+      out.append(mine[e] if e in mine else self._moved(e))
+    self._stats["prompts"] += len(out)
+    return out
+
+  def _read(self, element: int):
+    """This process's next item (global `element`): the prompt, False when skipped, None past the end."""
+    try:
       item = next(self._parent)
-      run += 1
-      if run > MAX_SKIPPED_IN_A_ROW:
-        raise ValueError(f"the prompt sources yielded {MAX_SKIPPED_IN_A_ROW} bad or filtered prompts in a row "
-                         f"(skipped: {self._stats['skipped']}, bad: {self._stats['bad']}); check data.sources, "
-                         f"rl.max_prompt_len / rl.max_prompt_patches, rl.categories and rl.pass_rates_from")
-      if "_bad" in item:
-        self._stats["bad"][item["_bad"]] = self._stats["bad"].get(item["_bad"], 0) + 1
-        log.warning("skipping bad prompt %s: %s", item.get("_where"), item.get("_error"))
-        continue
-      if "_skip" in item:
-        self._stats["skipped"][item["_skip"]] = self._stats["skipped"].get(item["_skip"], 0) + 1
-        continue
-      self._stats["prompts"] += 1
-      # Element i of this process's shard is element i * n + j of the global mixture (mixture.py).
-      item["key"] = int(item["_index"]) * self.process_count + self.process_index
-      return item
+    except StopIteration:
+      return None
+    if "_bad" in item:
+      self._stats["bad"][item["_bad"]] = self._stats["bad"].get(item["_bad"], 0) + 1
+      log.warning("skipping bad prompt %s: %s", item.get("_where"), item.get("_error"))
+      return False
+    if "_skip" in item:
+      self._stats["skipped"][item["_skip"]] = self._stats["skipped"].get(item["_skip"], 0) + 1
+      return False
+    # Element i of this process's shard is element i * n + j of the global mixture (mixture.py).
+    key = int(item["_index"]) * self.process_count + self.process_index
+    if key != element:
+      raise AssertionError(f"prompt stream out of step: read element {key}, expected {element}")
+    item["key"] = key
+    return item
+
+  def _moved(self, key: int) -> dict:
+    """Global element `key`, another process's valid prompt, decoded here."""
+    item = dict(self.fetch(key))
+    if "_bad" in item or "_skip" in item:
+      raise ValueError(f"prompt {item.get('_where')} (global element {key}) decoded as valid in its own process "
+                       f"but not here: {item.get('_error') or item.get('_skip') or item.get('_bad')}")
+    item["key"] = key
+    self._stats["moved_in"] += 1
+    return item
 
   def encode(self, prompt: dict, hint: str | None) -> dict:
     """`prompt` re-encoded with `hint` appended after the query (same source decoder)."""
     return self.decoders[prompt["_source"]].encode(prompt["raw"], hint)
 
   def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "stats": copy.deepcopy(self._stats),
+    return {"parent": self._parent.get_state(), "cursor": self.cursor, "stats": copy.deepcopy(self._stats),
             "host": copy.deepcopy(self.host_state)}
 
   def set_state(self, state: dict):
+    if "cursor" not in state:
+      raise ValueError("the checkpoint's prompt iterator state has no global cursor (written before prompts were "
+                       "selected globally); start the RL run in a new run_dir")
     self._parent.set_state(state["parent"])
-    self._stats = copy.deepcopy(state["stats"])
+    self.cursor = int(state["cursor"])
+    self._stats = {"moved_in": 0, **copy.deepcopy(state["stats"])}
     self.host_state = copy.deepcopy(state.get("host", {}))
 
   def stats(self) -> dict:
@@ -222,9 +325,9 @@ class PromptStream(grain.DatasetIterator):
 
 def make_prompt_stream(cfg: DataConfig, tokenizer, *, max_len: int, max_patches: int,
                        keep_ids: frozenset | None = None, drop_ids: frozenset | None = None, categories=(),
-                       encode=None, process_index: int | None = None,
-                       process_count: int | None = None) -> PromptStream:
-  """This process's prompt stream (see the module docstring)."""
+                       encode=None, process_index: int | None = None, process_count: int | None = None,
+                       allgather=None) -> PromptStream:
+  """This process's prompt stream (see the module docstring). `allgather` (tests): (L,) -> (n, L) flags."""
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -232,6 +335,7 @@ def make_prompt_stream(cfg: DataConfig, tokenizer, *, max_len: int, max_patches:
   decoders = [PromptDecoder(tokenizer, i, cfg.vision, max_len=max_len, max_patches=max_patches, keep_ids=keep_ids,
                             drop_ids=drop_ids, categories=categories, encode=encode) for i in range(len(sources))]
   ds = build_dataset(cfg, sources, decoders, process_index, process_count)
+  everything = build_dataset(cfg, sources, decoders, 0, 1)  # the whole mixture, for moved prompts (lazy)
   stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if cfg.workers else 2, prefetch_buffer_size=16))
   if cfg.workers > 0:
     from absl import flags
@@ -239,4 +343,5 @@ def make_prompt_stream(cfg: DataConfig, tokenizer, *, max_len: int, max_patches:
       flags.FLAGS.mark_as_parsed()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
                                                              per_worker_buffer_size=cfg.worker_buffer_size))
-  return PromptStream(iter(stream), decoders, [s.display_name for s in cfg.sources], process_index, process_count)
+  return PromptStream(iter(stream), decoders, [s.display_name for s in cfg.sources], process_index, process_count,
+                      fetch=everything.__getitem__, allgather=allgather)
