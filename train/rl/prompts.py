@@ -1,5 +1,6 @@
 """The RL prompt stream: the Grain pipeline of train/data (sources, weighted mixture, seeded shuffle,
-per-process sharding, decoding in worker processes), yielding one tokenised prompt at a time.
+per-process sharding, decoding in worker processes), yielding each step's tokenised prompts, selected
+globally (below).
 
 A prompt record is a conversation manifest row (or ArrayRecord/TFDS record) whose last turn is the
 user's, plus what the rewards and hints read:
@@ -25,7 +26,9 @@ Only elements a step selects or skips are ever read, so after a step every proce
 exactly the global cursor: the checkpoint holds both, and a resumed run continues identically. Then each
 process takes K/n of the selected prompts (`assign`): its own first, the surplus of others going to those
 short of K/n; a moved prompt is decoded again by its new process (main thread, random access into the
-mixture). With nothing skipped in a step no prompt moves. A process's prompts come in key order.
+mixture). With nothing skipped in a step no prompt moves. A process's prompts come in key order (so the
+global batch holds the groups process by process, not in key order as on one process: the loss, a sum over
+packed segments, changes only by float summation order).
 
 The iterator's checkpoint state is Grain's read position, the global cursor, and `host_state`, a JSON dict
 the RL loop keeps there (pass rates, hint records), so all are saved per process with the data, and
