@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from typing import Sequence
 
@@ -49,7 +50,7 @@ from keye_jax.generate import (LENGTH_BUCKETS, MAX_STOP_IDS, NEW_TOKEN_BUCKETS, 
                                SamplingParams, bucket, constrain_cache, decode_text, default_stop_ids,
                                finish_generation, mesh_context, pack_prompts, put_weights, sample_token)
 from keye_jax.model import KeyeVL, scatter_vision
-from keye_jax.sharding import constrain
+from keye_jax.sharding import constrain, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +175,10 @@ class RolloutEngine:
     b = self.slots
     cache = model.decoder.init_cache(b, cache_len)
     cache["index"] = jnp.zeros((b,), jnp.int32)
-    if not self.cfg.scan_layers:   # one array per layer: a step reads each layer's K/V where they lie
-      cache["k"], cache["v"] = list(cache["k"]), list(cache["v"])
+    # One array per layer, scanned model or not: the decode step runs its layers unrolled (`_layers`) and
+    # each layer's attention reads its own array where it lies (a slice of a stacked cache is copied for the
+    # kernel, and the stacked cache's per-row writes make XLA re-lay it out around the loop).
+    cache["k"], cache["v"] = list(cache["k"]), list(cache["v"])
     zi, zf, no = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool)
     return _constrain_carry(dict(
         cache=cache, tokens=jnp.zeros((b, new_len), jnp.int32), logprobs=jnp.zeros((b, new_len), jnp.float32),
@@ -231,13 +234,13 @@ class RolloutEngine:
       prev = c["tokens"][rows, jnp.maximum(c["length"] - 1, 0)]                        # (B,)
       # The previous token's K/V (pending) go to slot index-1 of each row before anything reads the cache.
       at = jnp.maximum(idx - 1, 0)
-      k_cache = _put_pending(cache["k"], cache["pending_k"], rows, at)
-      v_cache = _put_pending(cache["v"], cache["pending_v"], rows, at)
+      k_cache = _put_pending(cache["k"], cache["pending_k"], at)
+      v_cache = _put_pending(cache["v"], cache["pending_v"], at)
       per_layer = list(zip(k_cache, v_cache)) if isinstance(k_cache, list) else (k_cache, v_cache)
       pos = jnp.broadcast_to(c["pos"][None, :, None], (3, b, 1))
       cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
-      h, (k, v) = dec.layers(dec.embed(prev[:, None]), per_layer, cos=cos, sin=sin, segment_ids=None,
-                             kv_segment_ids=cache["segment_ids"], kv_lengths=idx, return_kv=True)
+      h, (k, v) = _layers(dec.layers, dec.embed(prev[:, None]), per_layer, cos=cos, sin=sin, segment_ids=None,
+                          kv_segment_ids=cache["segment_ids"], kv_lengths=idx, return_kv=True)
       logits = dec.logits(dec.norm(h)[:, 0])
       keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(c["key"]), c["length"])
       tok, logp = sample_token(logits, keys, c["temperature"], c["top_k"], c["top_p"], greedy=greedy)
@@ -431,6 +434,20 @@ class RolloutEngine:
     return decode_text(self.tokenizer, ids)
 
 
+def _layers(stack, x, per_layer, **shared):
+  """`stack(x, per_layer, **shared)` (keye_jax.stack.Stack), its layers unrolled when `per_layer` is a list
+  (one cache entry per layer), scanned model or not: layer i runs on its slice of the stacked parameters
+  and its own cache arrays, so nothing slices (copies) a stacked cache."""
+  if not (stack.scan and isinstance(per_layer, list)):
+    return stack(x, per_layer, **shared)
+  graphdef, state = nnx.split(stack.layers)
+  outs = []
+  for i in range(stack.num_layers):
+    x, out = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))(x, per_layer[i], **shared)
+    outs.append(out)
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
 def _put_row(cache_kv, kv_l1hsd, slot):
   """A prefilled prompt's K/V (L, 1, Hkv, S, hd) into slots 0..S-1 of cache row `slot` (stacked or per layer)."""
   if isinstance(cache_kv, list):
@@ -439,12 +456,43 @@ def _put_row(cache_kv, kv_l1hsd, slot):
   return jax.lax.dynamic_update_slice(cache_kv, kv_l1hsd.astype(cache_kv.dtype), (0, slot, 0, 0, 0))
 
 
-def _put_pending(cache_kv, pending_lb1hd, rows, at):
-  """Each row's pending K/V (L, B, 1, Hkv, hd) into its slot at[row] (written before anything reads)."""
-  heads = jnp.swapaxes(pending_lb1hd[:, :, 0], 0, 1)                                      # (B, L, Hkv, hd)
-  if isinstance(cache_kv, list):
-    return [c.at[rows, :, at, :].set(heads[:, l].astype(c.dtype)) for l, c in enumerate(cache_kv)]
-  return cache_kv.at[:, rows, :, at, :].set(heads.astype(cache_kv.dtype))
+SLOT_BLOCK = 8   # cache slots a pending write reads and writes back (the TPU tile's second-minor extent)
+
+
+def _put_pending(cache_kv, pending_lb1hd, at):
+  """Each row's pending K/V (L, B, 1, Hkv, hd) into its slot at[row] (written before anything reads).
+
+  Per row, the aligned block of SLOT_BLOCK slots holding at[row] is read, the slot replaced, and the block
+  written back in place (dynamic_update_slice). A one-slot write (a scatter of the rows' (Hkv, hd) windows,
+  or a one-slot dynamic_update_slice) makes XLA TPU lay the cache out heads-minor to write whole tiles, so
+  it copies the cache around the loop and copies each layer back to the attention kernel's layout. Under a
+  mesh the rows are written per shard (shard_map)."""
+  per_layer = isinstance(cache_kv, list)
+  t = (cache_kv[0] if per_layer else cache_kv).shape[-2]
+  n = math.gcd(t, SLOT_BLOCK)
+
+  def put_one(a, u, b, at_b):            # a (B, Hkv, T, hd), u (1, Hkv, 1, hd)
+    base = at_b // n * n
+    blk = jax.lax.dynamic_slice(a, (b, 0, base, 0), (1, a.shape[1], n, a.shape[3]))
+    blk = jnp.where((jnp.arange(n) == at_b - base)[None, None, :, None], u.astype(a.dtype), blk)
+    return jax.lax.dynamic_update_slice(a, blk, (b, 0, base, 0))
+
+  def put(cache_kv, pending, at):
+    def row(b, c):
+      u = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(pending, b, 1, axis=1), 2, 3)            # (L, 1, Hkv, 1, hd)
+      if per_layer:
+        return [put_one(a, u[l], b, at[b]) for l, a in enumerate(c)]
+      return jnp.stack([put_one(c[l], u[l], b, at[b]) for l in range(c.shape[0])])
+    return jax.lax.fori_loop(0, at.shape[0], row, cache_kv)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return put(cache_kv, pending_lb1hd, at)
+  spec = lambda names: logical_to_spec(names, mesh_axes=mesh.axis_names)
+  kv = ([spec(("batch", "act_heads", None, None))] * len(cache_kv) if per_layer
+        else spec(("layers", "batch", "act_heads", None, None)))
+  return jax.shard_map(put, in_specs=(kv, spec(("layers", "batch", None, "act_heads", None)), spec(("batch",))),
+                       out_specs=kv, check_vma=False)(cache_kv, pending_lb1hd, at)
 
 
 def _constrain_carry(c: dict) -> dict:

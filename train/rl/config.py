@@ -67,7 +67,7 @@ class RLConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
-  slots: int = 64  # concurrent sequences of the rollout engine
+  slots: int = 64  # global decode slots: each process's rollout engine runs rl.slots / processes
   # Rewards (train/rewards): a list of {name, weight, ...options}; `correct_threshold` on the rule
   # verifier's score decides a response's correctness (pass rates, hints, the no-signal share).
   rewards: tuple[dict[str, Any], ...] = ({"name": "answer", "weight": 1.0},)
@@ -80,7 +80,7 @@ class RLConfig:
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ConfigError(f"rl.variant={self.variant!r} is not one of {', '.join(VARIANTS)}")
-    for name in ("prompts_per_step", "group_size", "minibatches", "max_new_tokens", "max_prompt_len"):
+    for name in ("prompts_per_step", "group_size", "minibatches", "max_new_tokens", "max_prompt_len", "slots"):
       if getattr(self, name) < 1:
         raise ConfigError(f"rl.{name} must be positive")
     if self.kl_coef < 0:

@@ -15,7 +15,10 @@ float32 on the host (None without images): the RL step's log-prob passes use the
 
 Several processes (multi-host): every process samples its own prompts, as many times as its hints need,
 so the engines cannot share one SPMD program over the global mesh. Each process runs its engine on a
-mesh of its own devices (`engine_mesh`, the trainer's axis names; see `hosts_mesh`). `set_weights` brings
+mesh of its own devices (`engine_mesh`, the trainer's axis names; see `hosts_mesh`) with its share of the
+decode slots: `rl.slots` is the global number, like `rl.prompts_per_step` and `data.batch_size`, and each
+process's engine has rl.slots / processes of them (`slots_per_process`), so the KV cache per chip does not
+depend on how many hosts the slice has. `set_weights` brings
 the parameters there with one jitted identity whose output sharding is their own spec on a (hosts, *local
 axes) view of the devices: every process then holds the whole model laid out as on its local mesh, and
 those device buffers become the local arrays as they are (`jax.make_array_from_single_device_arrays`), never
@@ -44,9 +47,10 @@ class Rollouts:
     self.tokens = 0  # generated tokens so far
     self.seconds = 0.0
     self.engine_mesh = mesh
+    self.slots = slots_per_process(rl_cfg.slots, jax.process_count())
     if jax.process_count() > 1:
       hosts = hosts_mesh(mesh)
-      self.engine_mesh = Mesh(hosts.devices[jax.process_index()], mesh.axis_names)
+      self.engine_mesh = process_mesh(mesh, jax.process_index())
       specs = shape.specs(mesh.axis_names)
       self._hosts_fn = jax.jit(lambda p: p, out_shardings={k: NamedSharding(hosts, s) for k, s in specs.items()})
       self._local = {k: NamedSharding(self.engine_mesh, s) for k, s in specs.items()}
@@ -62,7 +66,7 @@ class Rollouts:
   def set_weights(self, params: dict):
     model = self.shape.build(self.local_params(params))
     if self.engine is None:
-      self.engine = RolloutEngine(model, self.tokenizer, slots=self.cfg.slots, mesh=self.engine_mesh)
+      self.engine = RolloutEngine(model, self.tokenizer, slots=self.slots, mesh=self.engine_mesh)
     else:
       self.engine.set_weights(model)
 
@@ -92,11 +96,26 @@ class Rollouts:
     return groups
 
 
+def slots_per_process(slots: int, processes: int) -> int:
+  """Decode slots of one process's rollout engine: rl.slots is global (as rl.prompts_per_step is), split
+  evenly over the processes."""
+  if slots < 1 or slots % processes:
+    raise ValueError(f"rl.slots={slots} must be a positive multiple of the {processes} processes (each process's "
+                     f"rollout engine runs rl.slots / processes of the decode slots)")
+  return slots // processes
+
+
+def process_mesh(mesh: Mesh, index: int) -> Mesh:
+  """Process `index`'s rollout engine mesh: its devices of `mesh`, laid out as `hosts_mesh` lays them out."""
+  return Mesh(hosts_mesh(mesh).devices[index], mesh.axis_names)
+
+
 def hosts_mesh(mesh: Mesh) -> Mesh:
   """The devices of `mesh` as (hosts, *local axes): row h is process h's devices as a mesh with the same
   axis names, tensor and context as in `mesh`, fsdp the largest divisor of `mesh`'s fsdp that fits, data
-  the rest (so a parameter dimension split over an axis of `mesh` splits evenly over the local one too)."""
-  n = jax.process_count()
+  the rest (so a parameter dimension split over an axis of `mesh` splits evenly over the local one too).
+  The processes are those holding `mesh`'s devices (all of them in a run; a topology's hosts in `keye plan`)."""
+  n = len({d.process_index for d in mesh.devices.flat})
   rows = [[d for d in mesh.devices.flat if d.process_index == p] for p in range(n)]
   per = len(rows[0])
   sizes = dict(mesh.shape)
