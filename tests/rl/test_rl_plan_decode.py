@@ -1,7 +1,8 @@
 """`keye plan` for RL compiles the rollout engine's decode step ahead of time (train/rl/plan.py): the demo RL
 config (tiny model, 32 slots, cache 128 + 128) for a 4-chip v5p slice through libtpu, on the abstract model.
 Its memory is consistent with the shapes: the KV cache argument is the shape-computed cache per chip, the
-arguments are the weights plus the slot state, and the donated slot state is updated in place."""
+arguments are the weights plus the slot state, the donated slot state is updated in place, and nothing copies
+the cache. On a multi-host slice the compiled engine is one process's, with its share of rl.slots."""
 
 from __future__ import annotations
 
@@ -44,7 +45,24 @@ def test_decode_step_compiles_for_v5p_and_its_memory_matches_the_shapes():
   assert dec["weights"] + dec["carry"] <= dec["argument"] <= dec["weights"] + dec["carry"] + MiB
   # The slot state is donated: the new one lands in place (outputs aliased), no second cache in the outputs.
   assert dec["alias"] >= dec["cache"] and dec["output"] - dec["alias"] <= MiB
-  # Temporaries: the step's activations, logits and gathered weights, plus what it copies of the cache
-  # (counted from the compiled program: whole-cache copies are a layout change around the decode loop).
+  # No copy of the whole cache in the compiled program (per-layer arrays, the pending K/V written as aligned
+  # slot blocks: keye_jax/rollout.py `_put_pending`). This tiny model's head_dim 32 is below the TPU's 128
+  # lanes, so XLA lays each layer's cache out T-minor and copies it for the kernel (`layer`); the 8B model's
+  # head_dim 128 compiles with no copy at all (README, 8B RL plan row).
   copies = dec["cache_copies"]
-  assert dec["temp"] <= (copies["whole"] + 1) * dec["cache"] + copies["layer"] * dec["layer_cache"] + 32 * MiB, dec
+  assert copies["whole"] == 0 and dec["processes"] == 1, dec
+  assert dec["temp"] <= copies["layer"] * dec["layer_cache"] + 32 * MiB, dec
+
+
+@pytest.mark.slow   # an AOT compile through libtpu: ~40 s loaded
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="AOT compiles for TPUs need libtpu")
+def test_multi_host_topology_compiles_one_process_engine_with_its_share_of_the_slots():
+  """v5p:2x2x2 has two hosts of 4 chips: a run gives each process an engine on its own 4 chips with 32 / 2
+  slots, so the KV cache per chip is the one-host slice's (v5p:2x2x1, 32 slots on 4 chips)."""
+  cfg = load_rl_config(os.path.join(REPO, "configs", "demo", "rl.yaml"))
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="auto"))
+  mesh = make_mesh(cfg.mesh, tpu_devices("v5p:2x2x2"))
+  dec = compile_decode_step(cfg, mesh)
+  assert dec["processes"] == 2 and dec["slots"] == 16 and dec["engine_mesh"]["fsdp"] == 4, dec
+  assert dec["cache"] == rollout_bytes_per_chip(cfg, mesh)["cache"] == 4 * 2 * 4 * 2 * 256 * 32 * 4
+  assert dec["cache_copies"]["whole"] == 0, dec

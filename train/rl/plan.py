@@ -28,6 +28,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from keye_jax.generate import LENGTH_BUCKETS, NEW_TOKEN_BUCKETS, bucket
 from keye_jax.rollout import RolloutEngine
@@ -72,7 +73,13 @@ def engine_layout(mesh) -> tuple:
   """(processes, the mesh process 0's rollout engine runs on) for the trainer's `mesh`, as
   train/rl/rollouts.py lays it out: the whole mesh with one process, else that process's own devices."""
   hosts = len({d.process_index for d in mesh.devices.flat})
-  return hosts, (mesh if hosts == 1 else process_mesh(mesh, 0))
+  if hosts == 1:
+    return 1, mesh
+  local = process_mesh(mesh, 0)
+  # libtpu compiles a program over a few of a topology's chips only when their ids are the first ones (v6e:8x8:
+  # process 0's chips 0, 1, 8, 9 fail); the same mesh shape over chips 0..n-1 has the same memory.
+  first = sorted(mesh.devices.flat, key=lambda d: d.id)[:local.devices.size]
+  return hosts, Mesh(np.asarray(first).reshape(local.devices.shape), mesh.axis_names)
 
 
 def compile_decode_step(cfg, mesh, shape: ModelShape | None = None) -> dict:
