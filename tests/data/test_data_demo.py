@@ -156,3 +156,14 @@ def test_reasoning_records_carry_solution_and_hints(demo):
   for r in read(os.path.join(demo["path"], "train_reasoning.jsonl")):
     assert len(r["hints"]) == 5 and r["hints"][-1] == r["solution"]
     assert r["messages"][1]["content"][0]["text"] == f"<think>\n{r['solution']}\n</think>\n\n{r['answer']}"
+
+
+def test_reasoning_answers_reach_five():
+  """Four shapes of a colour plus one more is five: an answer word exists for it."""
+  import random
+  from train.data.demo import _Builder
+  b = _Builder(random.Random(0))
+  objs = [("red", "circle", c) for c in range(4)]
+  for _ in range(40):
+    question, answer, options, letter, solution, hints = b._reasoning(objs)
+    assert options["ABCD".index(letter)] in ("four", "five", "one", "zero"), (question, options)

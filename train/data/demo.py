@@ -73,6 +73,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
+ANSWER_NUMBERS = NUMBERS + ("five",)  # reasoning answers: four shapes, then one more added
 LETTERS = "ABCD"
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 # Sampling rate of the files (every frame is read); the reference sizing upscales frames to >= 196x196.
@@ -216,34 +217,36 @@ class _Builder:
     kind = "end" if end_of_video else rng.choice(("colour", "shape", "more", "add"))
     if kind == "end":
       n, q = len(objs), "How many shapes are there at the end of the video?"
-      steps = f"At the end I see {seen}. Counting them gives {NUMBERS[n]}."
+      steps = f"At the end I see {seen}. Counting them gives {ANSWER_NUMBERS[n]}."
       strategy = "Look at the last frames and count every shape."
     elif kind == "colour":
       color = rng.choice([c for c, _, _ in objs])
       match = [o for o in objs if o[0] == color]
       n, q = len(match), f"How many {color} shapes are there?"
-      steps = f"I see {seen}. The {color} ones are {' and '.join(f'the {s}' for _, s, _ in match)}, so {NUMBERS[n]}."
+      listed = " and ".join(f"the {s}" for _, s, _ in match)
+      steps = f"I see {seen}. The {color} ones are {listed}, so {ANSWER_NUMBERS[n]}."
       strategy = f"List the shapes, then count the {color} ones."
     elif kind == "shape":
       shape = rng.choice([s for _, s, _ in objs])
       match = [o for o in objs if o[1] == shape]
       n, q = len(match), f"How many {shape}s are there?"
-      steps = f"I see {seen}. The {shape}s are {' and '.join(f'the {c} one' for c, _, _ in match)}, so {NUMBERS[n]}."
+      listed = " and ".join(f"the {c} one" for c, _, _ in match)
+      steps = f"I see {seen}. The {shape}s are {listed}, so {ANSWER_NUMBERS[n]}."
       strategy = f"List the shapes, then count the {shape}s."
     elif kind == "more":
       counts = {s: sum(o[1] == s for o in objs) for s in SHAPES}
       a, b = sorted(SHAPES, key=lambda s: -counts[s])[:2]
       n, q = counts[a] - counts[b], f"How many more {a}s than {b}s are there?"
-      steps = (f"I see {seen}. There are {NUMBERS[counts[a]]} {a}s and {NUMBERS[counts[b]]} {b}s. "
-               f"{NUMBERS[counts[a]].capitalize()} minus {NUMBERS[counts[b]]} is {NUMBERS[n]}.")
+      steps = (f"I see {seen}. There are {ANSWER_NUMBERS[counts[a]]} {a}s and {ANSWER_NUMBERS[counts[b]]} {b}s. "
+               f"{ANSWER_NUMBERS[counts[a]].capitalize()} minus {ANSWER_NUMBERS[counts[b]]} is {ANSWER_NUMBERS[n]}.")
       strategy = f"Count the {a}s and the {b}s, then subtract."
     else:
       color = rng.choice([c for c, _, _ in objs])
       have = sum(o[0] == color for o in objs)
       n, q = have + 1, f"If one more {color} shape were added, how many {color} shapes would there be?"
-      steps = f"I see {seen}. There are {NUMBERS[have]} {color} shapes now. One more makes {NUMBERS[n]}."
+      steps = f"I see {seen}. There are {ANSWER_NUMBERS[have]} {color} shapes now. One more makes {ANSWER_NUMBERS[n]}."
       strategy = f"Count the {color} shapes, then add one."
-    options, letter = _choices(rng, NUMBERS[n], NUMBERS + ("five",))
+    options, letter = _choices(rng, ANSWER_NUMBERS[n], ANSWER_NUMBERS)
     solution = f"{steps} That is option {letter}."
     hints = [f"Look at every shape {where}: its colour, its shape and its place.", strategy,
              "The answer is a count, and the options are numbers.", f"I see {seen}.", solution]
