@@ -21,6 +21,7 @@ import threading
 
 import numpy as np
 
+from keye_jax.processing import buffer_pool
 from keye_jax.processing.hsv import rgb_to_hsv
 from keye_jax.processing.resize import resize_planes
 from keye_jax.processing.sizing import (CLASSIFY_MAX_PIXELS, IMAGE_FACTOR, MIN_FRAME_SIMILARITY,
@@ -123,7 +124,7 @@ class FrameTyper:
 
   def __init__(self, n: int, height: int, width: int, threshold: float = MIN_FRAME_SIMILARITY):
     h, w = classification_size(height, width)
-    self.hsv = np.empty((n, 3, h, w), np.uint8)
+    self.hsv = buffer_pool.empty((n, 3, h, w), np.uint8)
     self.sq_norms = np.empty((n, h // PATCH, w // PATCH))
     self._ready = np.zeros(n + 1, bool)             # a False sentinel at n
     self._prefix = 0                                # frames [0, prefix) have their features

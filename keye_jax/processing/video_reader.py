@@ -23,6 +23,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from keye_jax.processing import buffer_pool
 from keye_jax.processing.errors import MediaError
 
 
@@ -114,7 +115,7 @@ def read_frames(source, info: VideoInfo, wanted_pts: np.ndarray,
   """
   wanted_pts = np.asarray(wanted_pts, np.int64)
   unique = np.unique(wanted_pts)
-  frames = np.empty((len(wanted_pts), 3, info.height, info.width), np.uint8)
+  frames = buffer_pool.empty((len(wanted_pts), 3, info.height, info.width), np.uint8)
   got = np.zeros(len(unique), bool)
   out_of = np.searchsorted(unique, wanted_pts)         # wanted index -> unique index
   users = [np.flatnonzero(out_of == u) for u in range(len(unique))]
