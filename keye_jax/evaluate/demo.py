@@ -1,6 +1,8 @@
-"""The synthetic demo benchmark (train/data/demo.py): `test.jsonl` of four-option questions.
+"""The synthetic demo benchmark (train/data/demo.py): `test.jsonl` of four-option questions, counting
+questions answered by a number, and instruction-following prompts.
 
-Record: {"id", "category", "messages": [user, assistant], "answer": "B", "options": [...]}; media paths
+Record: {"id", "category", "messages": [user, assistant], "answer": "B", "options": [...]} (a record without
+options, e.g. {"answer": "2"}, is an open question scored by the number rule); media paths
 are relative to the manifest. The user turn is asked as is (a " /think" suffix selects thinking mode).
 A record with IFEval-style `instruction_id_list` + `kwargs` is an instruction-following item, scored by
 lm-eval's IFEval checkers (prompt-level strict; loose alongside; keye_jax/evaluate/ifeval.py)."""
@@ -51,6 +53,9 @@ def load(data_path: str, media_dir: str | None = None) -> list[Item]:
                         categories=cats, extra={"instruction_id_list": list(r["instruction_id_list"]),
                                                 "kwargs": list(need(r, "kwargs", where)), "prompt": prompt}))
       continue
-    items.append(Item(id=str(need(r, "id", where)), messages=_absolute(turns, root), kind="choice",
-                      answer=need(r, "answer", where), options=list(r.get("options") or []), categories=cats))
+    # Four-option questions are scored by their letter; reasoning questions (no options) by the number.
+    options = list(r.get("options") or [])
+    items.append(Item(id=str(need(r, "id", where)), messages=_absolute(turns, root),
+                      kind="choice" if options else "open", answer=need(r, "answer", where), options=options,
+                      categories=cats))
   return items

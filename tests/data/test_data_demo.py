@@ -3,6 +3,7 @@ questions, and labels that agree with the pixels (checked numerically on images 
 
 import json
 import os
+import re
 
 import av
 import numpy as np
@@ -69,14 +70,18 @@ def test_questions_are_four_way_multiple_choice(demo):
       answer = assistant["content"][0]["text"]
       if r["category"] == "instruction":
         continue
+      if r["category"] == "reasoning":   # answered by the number itself, thinking first
+        question = user["content"][-1]["text"]
+        assert r["answer"].isdigit() and "options" not in r, r
+        assert question.endswith("Answer with a number. /think") and "\nA. " not in question
+        assert answer.startswith("<think>\n") and answer.endswith(f"</think>\n\n{r['answer']}")
+        continue
       if split == "test" or r["category"] not in ("caption",):
         assert r["answer"] in "ABCD" and len(set(r["options"])) == 4, r
         assert answer == r["answer"] or (answer.startswith("<think>") and answer.endswith(r["answer"]))
         question = user["content"][-1]["text"]
         for letter, option in zip("ABCD", r["options"]):
           assert f"\n{letter}. {option}\n" in question
-      if r["category"] == "reasoning":
-        assert question.endswith("/think") and answer.startswith("<think>\n")
 
 
 def nearest_colour(rgb):
@@ -91,7 +96,7 @@ def test_labels_agree_with_pixels(demo):
   checked = {"color": 0, "position": 0, "video_time": 0}
   for r in read(os.path.join(root, "test.jsonl")) + read(os.path.join(root, "train.jsonl")):
     media = r["messages"][0]["content"][0]
-    correct = r["options"][ord(r["answer"]) - 65] if "answer" in r else None
+    correct = r["options"][ord(r["answer"]) - 65] if "options" in r else None
     if r["category"] == "color":
       img = np.asarray(Image.open(os.path.join(root, media["image"]))).astype(int)
       fg = img[(img - [20, 20, 28]).__abs__().sum(-1) > 60]
@@ -158,12 +163,15 @@ def test_reasoning_records_carry_solution_and_hints(demo):
     assert r["messages"][1]["content"][0]["text"] == f"<think>\n{r['solution']}\n</think>\n\n{r['answer']}"
 
 
-def test_reasoning_answers_reach_five():
-  """Four shapes of a colour plus one more is five: an answer word exists for it."""
+def test_reasoning_answers_are_the_counts_the_solutions_state():
+  """Four shapes of a colour plus one more is five; every answer is the last number its solution states."""
   import random
   from train.data.demo import _Builder
   b = _Builder(random.Random(0))
   objs = [("red", "circle", c) for c in range(4)]
+  answers = set()
   for _ in range(40):
-    question, answer, options, letter, solution, hints = b._reasoning(objs)
-    assert options["ABCD".index(letter)] in ("four", "five", "one", "zero"), (question, options)
+    question, answer, number, solution, hints = b._reasoning(objs)
+    assert re.findall(r"\d+", solution)[-1] == number and answer.endswith(f"</think>\n\n{number}")
+    answers.add(number)
+  assert answers == {"4", "5"}, answers   # colour, shape, more (4 circles, 0 squares): 4; add one: 5

@@ -178,14 +178,17 @@ def test_demo_benchmark_and_resume(tmp_path):
   from train.data.demo import write_demo_dataset
   write_demo_dataset(str(tmp_path / "demo"), seed=0, with_tfds=False, scale=0.05)
   records = [json.loads(x) for x in (tmp_path / "demo" / "test.jsonl").read_text().splitlines()]
-  # The multiple-choice items only (instruction items are scored by IFEval, tested in test_ifeval.py).
+  # The items with an answer only (instruction items are scored by IFEval, tested in test_ifeval.py).
   records = [r for r in records if "answer" in r]
+  # The fake sampler answers by question text: keep one record per text (counting questions repeat).
+  records = list({_text([m for m in r["messages"] if m["role"] == "user"]): r for r in records}.values())
   (tmp_path / "demo" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   # Right on even records, wrong on odd ones.
   replies = {}
   for i, r in enumerate(records):
     q = _text([m for m in r["messages"] if m["role"] == "user"])
-    wrong = "ABCD"[("ABCD".index(r["answer"]) + 1) % 4]
+    # Reasoning items are answered by a number, the others by an option letter.
+    wrong = str(int(r["answer"]) + 1) if r["answer"].isdigit() else "ABCD"[("ABCD".index(r["answer"]) + 1) % 4]
     replies[q] = f"<think>hmm</think>{r['answer'] if i % 2 == 0 else wrong}"
   out = tmp_path / "out"
   # An interrupted run: two items finished, then a torn line.

@@ -1,10 +1,10 @@
 """The demo's step judge for `keye cot` (judge kind `command`): `python -m train.cot.demo_judge`.
 
-A demo reasoning trace ends with its count and the option it picks ("... so two. That is option B.").
-The steps are sound when that last stated number is the text of the option picked and the answer after
-</think> is that option: a trace that counts one and answers the option "two" got its letter by luck,
-and training on it would teach the wrong reasoning. JSON lines in ({"id", "question", "thinking",
-"answer", ...}), JSON lines out ({"id", "steps_ok"}), as train/cot/assess.py speaks.
+A demo reasoning trace ends with its count ("... The red ones are the circle and the square, so 2.").
+The steps are sound when the last number the trace states is the answer given after </think>: a trace
+that counts 1 and answers 2 got its answer by luck, and training on it would teach the wrong reasoning.
+JSON lines in ({"id", "question", "thinking", "answer", ...}), JSON lines out ({"id", "steps_ok"}), as
+train/cot/assess.py speaks.
 """
 
 from __future__ import annotations
@@ -13,18 +13,12 @@ import json
 import re
 import sys
 
-_OPTION = re.compile(r"^([A-D])\. (.+)$", re.M)
-_PICK = re.compile(r"That is option ([A-D])\.\s*$")
-_NUMBER = re.compile(r"\b(zero|one|two|three|four|five)\b")
+_NUMBER = re.compile(r"\d+")
 
 
 def steps_ok(question: str, thinking: str, answer: str) -> bool:
-  options = dict(_OPTION.findall(question))
-  pick = _PICK.search(thinking.strip())
-  if pick is None or pick.group(1) not in options or answer.strip() != pick.group(1):
-    return False
-  stated = _NUMBER.findall(thinking[:pick.start()])
-  return bool(stated) and stated[-1] == options[pick.group(1)].strip()
+  stated = _NUMBER.findall(thinking)
+  return bool(stated) and stated[-1] == answer.strip()
 
 
 def main() -> int:

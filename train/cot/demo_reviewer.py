@@ -2,7 +2,7 @@
 
 Step 4 sends fixable (B) and borderline traces to "a person or a stronger model" to repair. On the demo,
 the stronger model is this script: it knows each demo question's worked solution (the record's `solution`,
-carried in the queue line) and rewrites the trace into it, thinking then the option's letter. A queued
+carried in the queue line) and rewrites the trace into it, thinking then the answer. A queued
 trace without a solution is dropped. Queue lines in (train/cot/review.py), reviewed lines out.
 """
 

@@ -21,8 +21,8 @@ Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x
   video_time       ... when did it happen? (read from the frame timestamps)
   long_video       20-32 frames (10-16 s), one event; when? (the long-context stage)
   reasoning        counting with a <think> trace, the user turn ending in /think: a colour, a shape, how
-                   many more of one shape than another, one more added; videos: shapes at the end.
-                   Records carry `solution` (the worked answer) and `hints` (five levels, L1 concept ..
+                   many more of one shape than another, one more added; videos: shapes at the end. The
+                   answer is the number in digits (no options). Records carry `solution` (the worked answer) and `hints` (five levels, L1 concept ..
                    L5 the solution) for progressive hint sampling
   instruction      describe the image under 1-3 verifiable constraints (IFEval ids: lowercase, no commas,
                    end phrase, keyword, fewer than N words, <<title>>, quotation marks); records carry
@@ -48,9 +48,10 @@ frozen or trained tower) left them at chance, and the answers barely changed whe
 Frames pasted unscaled into a 196 px canvas give image-like tokens (cosine 0.78 with the image's), still
 at chance after 150 steps; one big shape filling the frame reached 35-45% after 200 steps.
 
-Every question but captions and instructions is multiple choice with four options A-D (chance 25%)
-answered by one letter, in train and test alike; test records keep `answer` (the letter), `options` and
-`category` for exact-match scoring; instruction records are scored by IFEval's checkers.
+Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
+25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
+and `category` for exact-match scoring. Reasoning questions are answered with the number (`answer` "2", no
+options; scored by the number rule), instruction records by IFEval's checkers.
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
-ANSWER_NUMBERS = NUMBERS + ("five",)  # reasoning answers: four shapes, then one more added
 LETTERS = "ABCD"
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 # Sampling rate of the files (every frame is read); the reference sizing upscales frames to >= 196x196.
@@ -209,49 +209,48 @@ class _Builder:
 
   def _reasoning(self, objs, end_of_video: bool = False):
     """A counting question over `objs` with a worked solution: (question, '<think>...</think>' answer,
-    options, letter, solution, five hint levels). Kinds: count a colour, count a shape, how many more of
-    one shape than another, how many of a colour after one more is added; videos: shapes at the end."""
+    the number as a string, solution, five hint levels). Kinds: count a colour, count a shape, how many
+    more of one shape than another, how many of a colour after one more is added; videos: shapes at the
+    end. The answer is the number itself, not an option letter: with options listed in ascending order,
+    small counts made "B" right for 45% of the items, and the score measured that prior, not counting."""
     rng = self.rng
     seen = ", ".join(f"a {_name(c, s)} in {_where(p)}" for c, s, p in objs)
     where = "at the end of the video" if end_of_video else "in the image"
     kind = "end" if end_of_video else rng.choice(("colour", "shape", "more", "add"))
     if kind == "end":
       n, q = len(objs), "How many shapes are there at the end of the video?"
-      steps = f"At the end I see {seen}. Counting them gives {ANSWER_NUMBERS[n]}."
+      steps = f"At the end I see {seen}. Counting them gives {n}."
       strategy = "Look at the last frames and count every shape."
     elif kind == "colour":
       color = rng.choice([c for c, _, _ in objs])
       match = [o for o in objs if o[0] == color]
       n, q = len(match), f"How many {color} shapes are there?"
       listed = " and ".join(f"the {s}" for _, s, _ in match)
-      steps = f"I see {seen}. The {color} ones are {listed}, so {ANSWER_NUMBERS[n]}."
+      steps = f"I see {seen}. The {color} ones are {listed}, so {n}."
       strategy = f"List the shapes, then count the {color} ones."
     elif kind == "shape":
       shape = rng.choice([s for _, s, _ in objs])
       match = [o for o in objs if o[1] == shape]
       n, q = len(match), f"How many {shape}s are there?"
       listed = " and ".join(f"the {c} one" for c, _, _ in match)
-      steps = f"I see {seen}. The {shape}s are {listed}, so {ANSWER_NUMBERS[n]}."
+      steps = f"I see {seen}. The {shape}s are {listed}, so {n}."
       strategy = f"List the shapes, then count the {shape}s."
     elif kind == "more":
       counts = {s: sum(o[1] == s for o in objs) for s in SHAPES}
       a, b = sorted(SHAPES, key=lambda s: -counts[s])[:2]
       n, q = counts[a] - counts[b], f"How many more {a}s than {b}s are there?"
-      steps = (f"I see {seen}. There are {ANSWER_NUMBERS[counts[a]]} {a}s and {ANSWER_NUMBERS[counts[b]]} {b}s. "
-               f"{ANSWER_NUMBERS[counts[a]].capitalize()} minus {ANSWER_NUMBERS[counts[b]]} is {ANSWER_NUMBERS[n]}.")
+      steps = f"I see {seen}. There are {counts[a]} {a}s and {counts[b]} {b}s. {counts[a]} minus {counts[b]} is {n}."
       strategy = f"Count the {a}s and the {b}s, then subtract."
     else:
       color = rng.choice([c for c, _, _ in objs])
       have = sum(o[0] == color for o in objs)
       n, q = have + 1, f"If one more {color} shape were added, how many {color} shapes would there be?"
-      steps = f"I see {seen}. There are {ANSWER_NUMBERS[have]} {color} shapes now. One more makes {ANSWER_NUMBERS[n]}."
+      steps = f"I see {seen}. There are {have} {color} shapes now. One more makes {n}."
       strategy = f"Count the {color} shapes, then add one."
-    options, letter = _choices(rng, ANSWER_NUMBERS[n], ANSWER_NUMBERS)
-    solution = f"{steps} That is option {letter}."
     hints = [f"Look at every shape {where}: its colour, its shape and its place.", strategy,
-             "The answer is a count, and the options are numbers.", f"I see {seen}.", solution]
-    answer = f"<think>\n{solution}\n</think>\n\n{letter}"
-    return _mc_text(q, options) + " /think", answer, options, letter, solution, hints
+             "The answer is a count: one number, written in digits.", f"I see {seen}.", steps]
+    answer = f"<think>\n{steps}\n</think>\n\n{n}"
+    return f"{q}\nAnswer with a number. /think", answer, str(n), steps, hints
 
   def reasoning_record(self):
     """('image', image) or ('video', frames), then _reasoning's fields; a fifth are videos."""
@@ -365,7 +364,7 @@ def _message(user_content, answer) -> list[dict]:
 
 
 def _no_think(record: dict) -> dict:
-  """A reasoning record asked with /no_think and answered with an empty think block and the letter."""
+  """A reasoning record asked with /no_think and answered with an empty think block and the number."""
   user, _ = record["messages"]
   content = [dict(e) for e in user["content"]]
   content[-1]["text"] = content[-1]["text"].removesuffix(" /think") + " /no_think"
@@ -382,13 +381,13 @@ def _records(split: str, counts: dict[str, int], rng: random.Random, media_dir: 
     media = {}
     extra = {}
     if category == "reasoning":
-      kind, media_obj, question, answer, options, letter, solution, hints = b.reasoning_record()
+      kind, media_obj, question, answer, number, solution, hints = b.reasoning_record()
       ext, data = (".mp4", _mp4(media_obj)) if kind == "video" else (".png", _png(media_obj))
       rel = os.path.relpath(os.path.join(media_dir, f"{rid}{ext}"), out_dir)
       media[rel] = data
       content = [{"type": kind, kind: rel, **(VIDEO_KEYS if kind == "video" else {})},
                  {"type": "text", "text": question}]
-      extra = {"solution": solution, "hints": hints}
+      letter, extra = None, {"answer": number, "solution": solution, "hints": hints}
     elif category == "instruction":
       objs, question, answer, ids, kwargs = b.instruction_record()
       rel = os.path.relpath(os.path.join(media_dir, f"{rid}.png"), out_dir)
