@@ -135,9 +135,9 @@ class RolloutEngine:
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy",), donate_argnums=(1,))
     self._shrink = jax.jit(self._shrink_fn, static_argnames=("slots",))
     self._carry, self._carry_shape = None, ()
-    # Tail-phase compiles run on a background thread while the full slot state decodes (`_warm_tails`).
+    # Later prompt shapes and the tail phase compile on a background thread (`_warm_up`).
     self._warm_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-warm")
-    self._warm: dict = {}
+    self._warm: set = set()
     rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
     if tail_slots is None:
       # (below 16 slots the saving is smaller than the extra compiles)
@@ -318,7 +318,7 @@ class RolloutEngine:
       if carry is None or shape[0] < cache_len or shape[1] < new_len:
         shape = (max(cache_len, shape[0] if shape else 0), max(new_len, shape[1] if shape else 0))
         carry = self._new_carry(self.state, cache_len=shape[0], new_len=shape[1])
-      warm = self._warm_tails(carry, greedy)
+      warm_prompts, warm = self._warm_up(reqs, seq_lens, carry, greedy)
       steps0, busy0 = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
       big, slot_steps, decode_s, tails = None, 0, 0.0, list(self.tail_slots)   # big: the full state, once shrunk
       last_steps = steps0
@@ -328,6 +328,9 @@ class RolloutEngine:
             continue
           i, j = queue.popleft()
           if i not in prompts:
+            prompt_shape = self._prompt_shape(reqs[i], seq_lens[i])
+            if prompt_shape in warm_prompts:
+              warm_prompts.pop(prompt_shape).result()   # compiled in the background: wait, never twice
             prompts[i] = self._prefill_prompt(reqs[i], seq_lens[i], vision_features, vision_tokens, i, counts)
           carry = self._insert(carry, *prompts[i][:4], jnp.int32(slot), *self._sample_knobs(reqs[i], j),
                                prompts[i][4], greedy=greedy)
@@ -369,7 +372,7 @@ class RolloutEngine:
           owner = [owner[r] for r in rows]
           tails = [m for m in tails if m < n]
       steps, busy = (int(x) for x in jax.device_get((carry["steps"], carry["busy"])))
-      for f in warm.values():                         # no compile outlives the call that started it
+      for f in [*warm_prompts.values(), *warm.values()]:   # no compile outlives the call that started it
         f.result()
       if big is not None:                             # its rows moved on: none runs there any more
         big = dict(big, steps=carry["steps"], busy=carry["busy"], active=jnp.zeros_like(big["active"]))
@@ -380,40 +383,75 @@ class RolloutEngine:
                    trace_counts=dict(self.trace_counts), vision_tokens=vision_tokens,
                    vision_features=vision_features)
 
-  def _warm_tails(self, carry: dict, greedy: bool) -> dict:
-    """{tail slots n: Future}: compiles the tail phase's shrinks and decode steps for this slot state on a
-    background thread, once per cache shape. XLA compiles outside the GIL, so the first rollout's tail
-    compiles overlap its full-slot decoding instead of adding to its time (bench_rollout: 8.6 s of its
-    ~15 s of compiles were the three decode sizes)."""
-    key = (tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(carry)), greedy)
-    if not self.tail_slots or key in self._warm:
-      return {}
+  def _warm_up(self, reqs, seq_lens, carry: dict, greedy: bool) -> tuple[dict, dict]:
+    """Compiles ahead, on a background thread, what this call will need after its start: the encode,
+    prefill and insert of every prompt shape but the first request's (which the call compiles right
+    away), then the tail phase's shrinks and decode steps. XLA compiles outside the GIL, so these overlap
+    the first prompts' compiles and the full slot state's decoding instead of adding to the call's time
+    (bench_rollout: ~15 s of compiles, 8.6 s of them the three decode sizes). Returns ({prompt shape:
+    Future}, {tail slots: Future}); the call waits on a future before it uses what it compiles."""
+    carry_key = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(carry))
     abstract = lambda tree, shardings: jax.tree.map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
-
-    def compile_tails(big):
-      with mesh_context(self.mesh):
-        for n in self.tail_slots:
-          lowered = self._shrink.lower(big, jax.ShapeDtypeStruct((n,), jnp.int32), slots=n)
-          big = abstract(lowered.out_info, lowered.compile().output_shardings)
-          self._decode.lower(self.state, big, scalar(jnp.int32), scalar(jnp.bool_), scalar(jnp.int32),
-                             greedy=greedy).compile()
-          yield n
-
     big = abstract(carry, jax.tree.map(lambda a: a.sharding, carry))
-    steps = compile_tails(big)
-    futures = {n: self._warm_pool.submit(next, steps) for n in self.tail_slots}
-    self._warm[key] = futures
-    return futures
+    uncommitted = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    knobs = uncommitted(self._sample_knobs(reqs[0], 0))
+    if self.mesh is None:
+      replicated = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def compile_prompt(req, seq_len):
+      batch = self._prompt_batch(req, seq_len)
+      batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in batch.items()}
+      with mesh_context(self.mesh):
+        tokens = None
+        if req.prompt.pixel_values is not None:
+          vision = {k: batch[k] for k in ("pixel_values", "patch_segment_ids", "patch_pos", "merge_index")}
+          lowered = self._encode.lower(self.state, vision)
+          tokens = abstract(lowered.out_info, lowered.compile().output_shardings)[1]
+        text = {k: batch[k] for k in ("input_ids", "segment_ids", "position_ids")}
+        lowered = self._prefill.lower(self.state, text, tokens)
+        kv = abstract(lowered.out_info, lowered.compile().output_shardings)
+        self._insert.lower(big, *kv, scalar, *knobs, scalar, greedy=greedy).compile()
+
+    def compile_tail(n):
+      nonlocal big
+      with mesh_context(self.mesh):
+        lowered = self._shrink.lower(big, jax.ShapeDtypeStruct((n,), jnp.int32), slots=n)
+        big = abstract(lowered.out_info, lowered.compile().output_shardings)
+        self._decode.lower(self.state, big, scalar, jax.ShapeDtypeStruct((), jnp.bool_), scalar,
+                           greedy=greedy).compile()
+
+    prompts, tails = {}, {}
+    first = self._prompt_shape(reqs[0], seq_lens[0])
+    self._warm.add((first, carry_key, greedy))        # the call compiles it itself, first thing
+    for req, seq_len in zip(reqs, seq_lens):
+      shape = self._prompt_shape(req, seq_len)
+      if (shape, carry_key, greedy) not in self._warm:
+        self._warm.add((shape, carry_key, greedy))
+        prompts[shape] = self._warm_pool.submit(compile_prompt, req, seq_len)
+    if self.tail_slots and ("tails", carry_key, greedy) not in self._warm:
+      self._warm.add(("tails", carry_key, greedy))
+      # In order (one worker): each tail size shrinks from the one before.
+      tails = {n: self._warm_pool.submit(compile_tail, n) for n in self.tail_slots}
+    return prompts, tails
+
+  def _prompt_shape(self, req: Request, seq_len: int) -> tuple:
+    """What a prompt's encode/prefill/insert compiles depend on: (length bucket, patch bucket or None)."""
+    p = req.prompt
+    return seq_len, (bucket(len(p.pixel_values), self.patch_buckets) if p.pixel_values is not None else None)
+
+  def _prompt_batch(self, req: Request, seq_len: int) -> dict:
+    """The prompt as a one-row batch on the host (pack_prompts' keys)."""
+    return pack_prompts([req.prompt], seq_len=seq_len, batch_size=1, num_patches=self._prompt_shape(req, seq_len)[1],
+                        merge=self.merge, pad_id=self.pad_id)
 
   def _prefill_prompt(self, req: Request, seq_len: int, vision_features: list, vision_tokens: list, i: int,
                       counts) -> tuple:
-    p = req.prompt
-    has_vision = p.pixel_values is not None
-    patches = bucket(len(p.pixel_values), self.patch_buckets) if has_vision else None
-    batch = pack_prompts([p], seq_len=seq_len, batch_size=1, num_patches=patches, merge=self.merge,
-                         pad_id=self.pad_id)
+    has_vision = req.prompt.pixel_values is not None
+    batch = self._prompt_batch(req, seq_len)
     pos_next = int(batch["rope_delta"][0]) + seq_len
     batch = self._put_replicated(batch)
     tokens = None
