@@ -32,7 +32,7 @@ class ScriptedBackend:
     out = []
     for messages, _ in requests:
       q = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else messages[-1]["content"][-1]["text"]
-      assert q.endswith("/think")
+      assert q.endswith(("/think", "/no_think"))
       row = []
       for k in range(n):
         text = self.script(q, k)
@@ -126,12 +126,13 @@ def test_grades_review_round_trip_and_manifest(data, tokenizer):
   assert [g[f"mixed/m1#{k}"] for k in range(4)] == ["A", "C", "A", "B"]     # wrong+unsure = C; cut off = B
   assert [g[f"mixed/i1#{k}"] for k in range(4)] == ["A", "C", "A", "C"]     # "" is C (empty response)
   assert g["mixed/t1#3"] == "B"                                             # right answer, unsure step
-  assert result["grades"] == {"A": 7, "B": 2, "C": 3}
+  assert assessed["mixed/t1#2"]["reason"] == "answer verified, no reasoning"   # "blue": no think block
+  assert result["grades"] == {"A": 6, "B": 3, "C": 3}
   assert result["pass_rate"] == {"mixed": pytest.approx(8 / 12)}
   for name in ("report.json", "lengths.png", "confidence.png", "sft.jsonl"):
     assert (out / name).stat().st_size > 0
   queue = [json.loads(l) for l in open(out / "review" / "queue.jsonl")]
-  assert sorted(q["id"] for q in queue) == ["mixed/m1#3", "mixed/t1#3"]
+  assert sorted(q["id"] for q in queue) == ["mixed/m1#3", "mixed/t1#2", "mixed/t1#3"]
   sft = [json.loads(l) for l in open(out / "sft.jsonl")]
   ids = [r["id"].split("~")[0] for r in sft]
   assert set(ids) == {k for k, v in g.items() if v == "A"}
@@ -147,15 +148,15 @@ def test_grades_review_round_trip_and_manifest(data, tokenizer):
   ex = encode_example(rec["messages"], tokenizer, base_dir=str(out))
   assert ex["loss_mask"].any()
 
-  # Review: repair the cut-off trace, drop the other; import -> the repaired one is kept.
-  fixed = dict(queue[0] if queue[0]["id"] == "mixed/m1#3" else queue[1])
+  # Review: repair the cut-off trace, drop the others; import -> the repaired one is kept.
+  fixed = dict(next(q for q in queue if q["id"] == "mixed/m1#3"))
   fixed.update(response="<think>\nfour\n\nfive\n</think>\n\n5", decision="keep", score=5)
-  other = next(q for q in queue if q["id"] != fixed["id"]) | {"decision": "drop"}
-  (out / "review" / "reviewed.jsonl").write_text(json.dumps(fixed) + "\n" + json.dumps(other) + "\n")
+  others = [q | {"decision": "drop"} for q in queue if q["id"] != fixed["id"]]
+  (out / "review" / "reviewed.jsonl").write_text("".join(json.dumps(q) + "\n" for q in [fixed, *others]))
   calls = backend.calls
   again = run(_cfg(data), backend=backend, process_index=0, process_count=1)
   assert backend.calls == calls                                             # nothing sampled again
-  assert again["review"] | {} == {"queued": 2, "kept": 1, "dropped": 1, "pending": 0}
+  assert again["review"] | {} == {"queued": 3, "kept": 1, "dropped": 2, "pending": 0}
   sft = [json.loads(l) for l in open(out / "sft.jsonl")]
   assert sum(r["id"].startswith("mixed/m1#3") for r in sft) == 2            # reviewer score 5: upsampled
   assert next(r for r in sft if r["id"] == "mixed/m1#3")["provenance"]["reviewed"]
@@ -215,7 +216,7 @@ def test_sharded_over_hosts(data, tokenizer):
   r1 = run(cfg, backend=ScriptedBackend(tokenizer, script), process_index=1, process_count=2)
   assert r1["host"] == 1 and r1["prompts"] == 1
   r0 = run(cfg, backend=ScriptedBackend(tokenizer, script), process_index=0, process_count=2)
-  assert r0["prompts"] == 3 and r0["traces"] == 12 and r0["grades"] == {"A": 7, "B": 2, "C": 3}
+  assert r0["prompts"] == 3 and r0["traces"] == 12 and r0["grades"] == {"A": 6, "B": 3, "C": 3}
 
 
 def test_rft_keeps_verified_answers(data, tokenizer):
@@ -232,7 +233,7 @@ def test_judge_command_and_model(data, tokenizer, tmp_path):
                    "  print(json.dumps({'id': o['id'], 'steps_ok': 'guess' not in o['thinking']}))\n")
   r = run(_cfg(data, judge=JudgeConfig(kind="command", command=f"{sys.executable} {judge}")),
           backend=ScriptedBackend(tokenizer, script), process_index=0, process_count=1)
-  assert r["grades"]["A"] >= 7
+  assert r["grades"]["A"] >= 6
   bad = tmp_path / "bad.py"
   bad.write_text("print('nonsense')\n")
   traces = [json.loads(l) for l in open(data / "out" / "traces.0-of-1.jsonl")]
@@ -265,7 +266,7 @@ def test_config_and_cli(data, tokenizer, tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(run_mod, "_make_backend", lambda c: ScriptedBackend(tokenizer, script))
   assert main(["cot", str(cfg), "samples_per_prompt=4"]) == 0
   line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert list(line)[:4] == ["prompts", "traces", "grades", "out"] and line["grades"] == {"A": 7, "B": 2, "C": 3}
+  assert list(line)[:4] == ["prompts", "traces", "grades", "out"] and line["grades"] == {"A": 6, "B": 3, "C": 3}
 
 
 def test_demo_config_loads():
@@ -323,3 +324,32 @@ def test_sampler_backend_on_the_real_engine(data, tokenizer):
       assert not set(s.tokens) & backend.stop
   again = backend.generate(requests, 2, seed=11)
   assert [[s.tokens for s in row] for row in again] == [[s.tokens for s in row] for row in first]
+
+
+def test_a_model_that_cannot_think_yet_is_sampled_without_thinking(data, tokenizer, tmp_path):
+  """sample_thinking=no_think: the model answers directly, right answers are B traces (no sound steps),
+  the reviewer repairs them, and the SFT manifest asks for thinking (`thinking`) as configured."""
+  asked = []
+
+  def direct(q, k):
+    asked.append(q)
+    return "<think>\n\n</think>\n\n5" if "2 + 3" in q else "<think>\n\n</think>\n\nblue"
+
+  reviewer = tmp_path / "reviewer.py"
+  reviewer.write_text(
+      "import json, sys\n"
+      "for line in sys.stdin:\n"
+      "  q = json.loads(line)\n"
+      "  q.update(response='<think>\\n2 + 3 = 5\\n</think>\\n\\n' + q['reference'], decision='keep', score=4)\n"
+      "  print(json.dumps(q))\n")
+  cfg = _cfg(data, sample_thinking="no_think", reviewer=f"python {reviewer}")
+  result = run(cfg, backend=ScriptedBackend(tokenizer, direct), process_index=0, process_count=1)
+  assert asked and all(q.endswith(" /no_think") for q in asked)
+  assert result["grades"]["A"] == 0 and result["grades"]["B"] > 0
+  sft = [json.loads(l) for l in open(data / "out" / "sft.jsonl")]
+  assert sft and all(r["messages"][0]["content"][-1]["text"].endswith("/think")
+                     if isinstance(r["messages"][0]["content"], list) else
+                     r["messages"][0]["content"].endswith("/think") for r in sft)
+  assert all(r["messages"][-1]["content"].startswith("<think>\n2 + 3 = 5") for r in sft)
+  with pytest.raises(ValueError, match="sample_thinking"):
+    _cfg(data, sample_thinking="maybe")

@@ -83,12 +83,15 @@ def judge_command(traces, prompts, command: str) -> list[bool]:
   return [verdicts[t["id"]] for t in traces]
 
 
-def grade(trace: dict, answer_ok: bool, steps_ok: bool) -> tuple[str, str]:
-  """(grade, reason)."""
+def grade(trace: dict, answer_ok: bool, steps_ok: bool, want_thinking: bool = False) -> tuple[str, str]:
+  """(grade, reason). With `want_thinking` (a /think manifest), a trace that did not think is no example
+  of thinking however right its answer: at best B, for the reviewer to write the reasoning."""
   if not trace["text"].strip():
     return "C", "empty response"
   if trace["state"] == "unclosed" or not trace["answer"]:
     return ("B", "no final answer, steps sound") if steps_ok else ("C", "no final answer")
+  if want_thinking and trace["state"] != "thought":
+    return ("B", "answer verified, no reasoning") if answer_ok else ("C", "answer wrong, no reasoning")
   if answer_ok and steps_ok:
     return "A", "answer verified, steps sound"
   if answer_ok:
@@ -98,7 +101,8 @@ def grade(trace: dict, answer_ok: bool, steps_ok: bool) -> tuple[str, str]:
   return "C", "answer wrong, steps doubtful"
 
 
-def assess(traces: list[dict], prompts: dict, judge_cfg, texts_fn=None, borderline: float = -1.5) -> list[dict]:
+def assess(traces: list[dict], prompts: dict, judge_cfg, texts_fn=None, borderline: float = -1.5,
+           want_thinking: bool = False) -> list[dict]:
   """Each trace with `answer_ok`, `steps_ok`, `grade`, `reason`, `borderline` added."""
   answer_ok = []
   for t in traces:
@@ -116,7 +120,7 @@ def assess(traces: list[dict], prompts: dict, judge_cfg, texts_fn=None, borderli
     steps_ok = judge_confidence(traces, prompts, judge_cfg.min_step_confidence)
   out = []
   for t, a, s in zip(traces, answer_ok, steps_ok):
-    g, reason = grade(t, a, s)
+    g, reason = grade(t, a, s, want_thinking)
     low = min(t["step_confidences"], default=float("-inf"))
     out.append({**t, "answer_ok": bool(a), "steps_ok": bool(s), "grade": g, "reason": reason,
                 "borderline": g == "A" and low < borderline})

@@ -51,6 +51,9 @@ class CotConfig:
   seed: int = 0
   batch_size: int = 8                 # prompts per sampler call (each gives samples_per_prompt rows)
   thinking: str = "think"             # the mode the prompts ask for: think | auto | no_think
+  # The mode the model is sampled in ("" = `thinking`). A model that cannot think yet (the demo's
+  # pre-trained one) is sampled with no_think: its right answers are B traces the reviewer repairs.
+  sample_thinking: str = ""
   judge: JudgeConfig = JudgeConfig()
   borderline_confidence: float = -1.5  # A traces whose lowest step confidence is below go to review too
   reviewer: str = ""                  # a command that reviews the queue: queue lines in, reviewed lines out
@@ -62,8 +65,10 @@ class CotConfig:
   def __post_init__(self):
     if self.mode not in ("cot", "rft"):
       raise ValueError(f"mode={self.mode!r}: expected cot or rft")
-    if self.thinking not in ("think", "auto", "no_think"):
-      raise ValueError(f"thinking={self.thinking!r}: expected think, auto or no_think")
+    for key in ("thinking", "sample_thinking"):
+      value = getattr(self, key)
+      if value not in ("think", "auto", "no_think") and (key == "thinking" or value):
+        raise ValueError(f"{key}={value!r}: expected think, auto or no_think")
     if self.judge.kind not in ("confidence", "model", "command"):
       raise ValueError(f"judge.kind={self.judge.kind!r}: expected confidence, model or command")
     if self.samples_per_prompt < 1 or self.batch_size < 1:

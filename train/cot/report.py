@@ -23,8 +23,9 @@ def summary(prompts: list[dict], assessed: list[dict], kept: list[dict], extra: 
 
 
 def _hist(ax, values, title, xlabel):
-  values = [v for v in values if np.isfinite(v)]
-  ax.hist(values, bins=20 if values else 1, color="#4a7ab8")
+  # Rounded: values equal but for float noise (e.g. every trace -0.1) are too narrow a range for 20 bins.
+  values = [round(v, 6) for v in values if np.isfinite(v)]
+  ax.hist(values, bins=max(1, min(20, len(set(values)))), color="#4a7ab8")
   ax.set_title(title)
   ax.set_xlabel(xlabel)
   ax.set_ylabel("traces")

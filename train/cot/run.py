@@ -114,7 +114,7 @@ def _step2(cfg, backend, prompts, pi, pc, log):
   if len(complete) == len(chunks):
     open(path + ".done", "w").close()
     return traces
-  mode = cfg.thinking
+  mode = cfg.sample_thinking or cfg.thinking
   progress = Progress("traces: prompts", len(prompts), sum(len(chunks[c]) for c in complete), stream=log)
   b = backend()
   decode = lambda ids: b.tokenizer.decode(ids, skip_special_tokens=True)
@@ -184,7 +184,8 @@ def run(cfg, *, backend=None, process_index: int | None = None, process_count: i
       judge = type(judge)(kind="confidence", min_step_confidence=float("-inf"))
     texts = (lambda asks, m: get_backend().texts(asks, m)) if judge.kind == "model" else None
     print(f"[cot] step 3: assessing {len(traces)} traces (judge: {judge.kind})", file=log, flush=True)
-    assessed = assess_mod.assess(traces, prompts, judge, texts, cfg.borderline_confidence)
+    assessed = assess_mod.assess(traces, prompts, judge, texts, cfg.borderline_confidence,
+                                 want_thinking=cfg.mode == "cot" and cfg.thinking == "think")
     _write_jsonl(assessed_path, assessed)
 
   # Step 4.
