@@ -59,10 +59,11 @@ moves the answer's log-probability by only 0.01-0.08. The image skill does not c
 stage-3 model scores 12.5-32.5% on its own image questions drawn at 224x168 (92.5% at 84x84); 200 steps
 with such frames among the images teach them (colour 87.5%, position 70%, shape 67.5%, count 55%), yet
 video questions stay at chance (26.5%), also after 200 more steps on them, the event questions phrased as
-those image questions ("What colour is the square?", "Where is the red circle?"): 28%. The video scores the demo reports are therefore at chance, and the
-answer letters are uniform so that no letter prior inflates them (before: video_time's D was correct for 1
-test item in 20 and 22 train items in 250; the event options, sorted alphabetically, put "a ... appears"
-first, so A was the answer to 51-66% of the appear events).
+those image questions ("What colour is the square?", "Where is the red circle?"): 28%. The video scores
+the demo reports are therefore at chance, and the answer letters are uniform so that no letter prior
+inflates them (before: video_time's D was correct for 1 test item in 20 and 22 train items in 250; the
+event options, sorted alphabetically, put "a ... appears" first, so A was the answer to 51-66% of the
+appear events).
 
 Every question but captions and instructions is multiple choice with four options A-D (chance 25%)
 answered by one letter, in train and test alike; test records keep `answer` (the letter), `options` and
