@@ -7,18 +7,22 @@
                                            videos; reasoning and instruction prompts for SFT/RL, of which one
                                            in PRETRAIN_SHARE also joins the image/video files: instructions
                                            as they are, reasoning answered directly in /no_think form)
-  out_dir/media/{train,test}/...           84x84 PNG images and 84x84 2-fps MP4 videos (5-32 frames)
+  out_dir/media/{train,test}/...           84x84 PNG images and 224x168 2-fps MP4 videos (5-32 frames)
   out_dir/array_record/{train,test}.array_record   the same records with media inline (records.py)
   out_dir/tfds/keye_demo/1.0.0/            the same records as a prepared TFDS dataset (if with_tfds)
   out_dir/{train,test}_pairs.jsonl         preference pairs from the instruction records (chosen obeys every
                                            constraint, rejected breaks one; train/data/demo_pairs.py)
   out_dir/info.json                        counts per split and category
 
-Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x3 grid are 28 px):
+Content (an image: 84x84 px = 6x6 patches = 9 LLM tokens, cells of a 3x3 grid are 28 px; a video frame:
+224x168 px = 12x16 patches = 48 tokens, the same grid in 56 px cells, 28 px from the left):
   caption          describe 1-3 shapes: colour, shape, position
   color/shape/count/position   multiple-choice questions on an image
-  video_event      a shape appears, moves or changes colour at a known time; what happened?
-  video_time       ... when did it happen? (read from the frame timestamps)
+  video_event      a shape appears, moves or changes colour at a known time; what happened? (the outcome:
+                   the new shape's colour, where it moves to, what colour it turns; distractors are
+                   colours or places not seen in the video, options shuffled)
+  video_time       ... when did it happen? (read from the frame timestamps; four ascending times, the
+                   correct letter uniform)
   long_video       20-32 frames (10-16 s), one event; when? (the long-context stage)
   reasoning        counting with a <think> trace, the user turn ending in /think: a colour, a shape, how
                    many more of one shape than another, one more added; videos: shapes at the end. The
@@ -30,23 +34,36 @@ Content (84x84 px = 6x6 patches = 9 LLM tokens per image or frame; cells of a 3x
   text             text-only multiple choice (which word is a colour / a shape)
 Videos are static between events, so the unchanged frames become fast frames.
 
-Sizes with keye_jax.processing and the demo tokenizer: an image example is ~57 tokens and 36 patches; a
-video frame is always at least 196x196 px (the reference's per-frame minimum, 49 tokens, 196 patches), so a
-short video example (5-8 frames) is ~330-520 tokens and ~1000-1600 patches, a long one (20-32 frames)
-~1300-1850 tokens and ~4300-6300 patches. Short contexts (512-1024 tokens) hold every category except
+Sizes with keye_jax.processing and the demo tokenizer: an image example is ~57 tokens and 36 patches. A
+video frame has at least 48 tokens (the reference's VIDEO_MIN_PIXELS) and a fast frame at most 48 (its
+budget is 0.3x a slow frame's, floored at that minimum), so a 224x168 frame (6x8 tokens) is the one size
+the reference sizing keeps as it is for slow and fast frames alike: no resampling, and every grid cell is
+exactly 2x2 merged tokens (an 84 px frame was upscaled to 196 px, a 196 px one would shrink its fast frames
+to 168 px). A short video example (5-6 frames) is ~330-390 tokens and 960-1152 patches, a long one (20-32
+frames) ~1150-1800 tokens and 3840-6144 patches. Short contexts (512-1024 tokens) hold every category except
 long_video. The train mix averages ~2.5 patches per text token: rows with num_patches ~3x seq_len keep the
 text budget the binding one.
 
 The CPU demo (configs/demo) trains on images first and scores test_image.jsonl: the image questions
 (colour, shape, count, position), the ones a tiny model learns from the pixels within its budget.
 
-Video, measured: the tiny model does not learn the video questions within the demo's budget. A frame is
-upscaled from 84 to 196 px (the reference's per-frame minimum), so its 49 tokens see the shapes at another
-scale than an image's 9 tokens, and through the frozen random tower the same token of different scenes is
-nearly the same vector (cosine 0.97-0.99). 150-400 steps on the video questions alone (about 1 to 3 epochs,
-frozen or trained tower) left them at chance, and the answers barely changed when the video was swapped.
-Frames pasted unscaled into a 196 px canvas give image-like tokens (cosine 0.78 with the image's), still
-at chance after 150 steps; one big shape filling the frame reached 35-45% after 200 steps.
+Video, measured: the tiny model does not learn the video questions within the demo's budget. With 84 px
+frames (upscaled to 196 px by the reference's per-frame minimum) the frozen random tower gives the same token
+of different scenes nearly the same vector (cosine 0.97-0.99); 150-400 steps on the video questions alone
+left them at chance; frames pasted unscaled into a 196 px canvas were still at chance after 150 steps; one
+big shape filling the frame reached 35-45% after 200 steps. With the token-aligned 224x168 frames, from the
+demo's stage-3 checkpoint, on 200 held-out items (event + time), stage-4 rows of 1024 tokens: 150 steps with
+half video rows 24.5%, 400 video-only steps at 1e-3 29% (the old questions); with the outcome questions and
+uniform letters 200 steps 26.5%, 300 more 25.5%: each run answers one constant letter, and a swapped video
+moves the answer's log-probability by only 0.01-0.08. The image skill does not carry over either: the
+stage-3 model scores 12.5-32.5% on its own image questions drawn at 224x168 (92.5% at 84x84); 200 steps
+with such frames among the images teach them (colour 87.5%, position 70%, shape 67.5%, count 55%), yet
+video questions stay at chance (26.5%), also after 200 more steps on them, the event questions phrased as
+those image questions ("What colour is the square?", "Where is the red circle?"): 28%. The video scores
+the demo reports are therefore at chance, and the answer letters are uniform so that no letter prior
+inflates them (before: video_time's D was correct for 1 test item in 20 and 22 train items in 250; the
+event options, sorted alphabetically, put "a ... appears" first, so A was the answer to 51-66% of the
+appear events).
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
@@ -68,6 +85,8 @@ from train.data.records import pack_record
 
 SIZE = 84
 CELL = 28
+VIDEO_FRAME = {"size": (224, 168), "cell_px": 56, "left": 28}
+SHORT_FRAMES = (5, 6)
 FPS = 2
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40),
           "purple": (150, 60, 200), "white": (235, 235, 235)}
@@ -105,13 +124,16 @@ TEST_COUNTS = {"color": 40, "shape": 40, "count": 40, "position": 40, "video_eve
 # --------------------------------------------------------------------------------------------------
 # Drawing.
 
-def _draw(objects) -> Image.Image:
-  """An 84x84 RGB image of (colour, shape, cell) objects on a dark background."""
-  img = Image.new("RGB", (SIZE, SIZE), (20, 20, 28))
+def _draw(objects, size: tuple[int, int] = (SIZE, SIZE), cell_px: int = CELL, left: int = 0) -> Image.Image:
+  """A (width, height) RGB image of (colour, shape, cell) objects on a dark background: a 3x3 grid of
+  `cell_px` cells, `left` px from the left edge (an image: 84x84, 28 px cells; a video frame: VIDEO_FRAME)."""
+  img = Image.new("RGB", size, (20, 20, 28))
   d = ImageDraw.Draw(img)
+  pad = cell_px // 7
   for color, shape, cell in objects:
     r, c = divmod(cell, 3)
-    x0, y0, x1, y1 = c * CELL + 4, r * CELL + 4, c * CELL + CELL - 4, r * CELL + CELL - 4
+    x0, y0 = left + c * cell_px + pad, r * cell_px + pad
+    x1, y1 = x0 + cell_px - 2 * pad, y0 + cell_px - 2 * pad
     fill = COLORS[color]
     if shape == "circle":
       d.ellipse((x0, y0, x1, y1), fill=fill)
@@ -133,7 +155,8 @@ def _mp4(frames: list[Image.Image]) -> bytes:
   buf = io.BytesIO()
   with av.open(buf, "w", format="mp4") as container:
     stream = container.add_stream("libx264", rate=FPS, options={"crf": "12", "preset": "ultrafast"})
-    stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+    stream.width, stream.height = frames[0].size
+    stream.pix_fmt = "yuv420p"
     for f in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(f), format="rgb24")):
         container.mux(packet)
@@ -296,54 +319,57 @@ class _Builder:
     return objs, "Describe the image. " + " ".join(asks), text, ids, kwargs
 
   def video_record(self, category: str):
-    """(frames, question, answer text, options, letter) for video_event, video_time or long_video."""
+    """(frames, question, answer text, options, letter) for video_event, video_time or long_video.
+
+    video_event asks for the event's outcome (where the shape moves, what colour it turns, the colour of the
+    shape that appears), with distractors not seen in the video; video_time and long_video ask when it
+    happens, the correct letter drawn uniformly among the four ascending times."""
     rng = self.rng
-    n = rng.randint(20, 32) if category == "long_video" else rng.randint(5, 8)
-    k = rng.randint(1, n - 2)  # the event's frame
-    t_event = k / FPS
+    n = rng.randint(20, 32) if category == "long_video" else rng.randint(*SHORT_FRAMES)
+    if category == "video_event":
+      k = rng.randint(1, n - 1)  # the event's frame: frames k.. show the outcome
+    else:
+      j = rng.randrange(4)       # the correct letter: j earlier times and 3 - j later ones among the options
+      k = rng.randint(j + 1, n - 4 + j)
     base = _scene(rng, rng.randint(1, 2))
     color, shape, cell = base[0]
+    base = [base[0]] + [o for o in base[1:] if (o[0], o[1]) != (color, shape)]  # the subject is unique
+    seen = {c for c, _, _ in base}
     kind = rng.choice(("appear", "move", "change"))
-    before, after = list(base), list(base)
     if kind == "appear":
       free = [c for c in range(9) if c not in {o[2] for o in base}]
-      new = (rng.choice([c for c in COLORS if c != color]), rng.choice(SHAPES), rng.choice(free))
+      new = (rng.choice([c for c in COLORS if c not in seen]), rng.choice(SHAPES), rng.choice(free))
       after = base + [new]
-      what = f"a {_name(new[0], new[1])} appears in {_where(new[2])}"
+      question, correct = "A new shape appears. What colour is it?", new[0]
+      pool = [c for c in COLORS if c not in seen]
       subject = _name(new[0], new[1])
     elif kind == "move":
-      moves = [(d, cell + 3 * dr + dc) for d, (dr, dc) in DIRECTIONS.items()
+      moves = [cell + 3 * dr + dc for dr, dc in DIRECTIONS.values()
                if 0 <= cell // 3 + dr < 3 and 0 <= cell % 3 + dc < 3
                and cell + 3 * dr + dc not in {o[2] for o in base}]
-      direction, target = rng.choice(moves)
+      target = rng.choice(moves)
       after = [(color, shape, target)] + base[1:]
-      what = f"the {_name(color, shape)} moves {direction}"
+      question, correct = f"The {_name(color, shape)} moves. Where does it move to?", POSITIONS[target]
+      pool = [POSITIONS[c] for c in range(9) if c not in {o[2] for o in base}]
       subject = _name(color, shape)
     else:
-      new_color = rng.choice([c for c in COLORS if c != color])
+      new_color = rng.choice([c for c in COLORS if c not in seen])
       after = [(new_color, shape, cell)] + base[1:]
-      what = f"the {_name(color, shape)} turns {new_color}"
+      question, correct = f"The {_name(color, shape)} changes colour. What colour does it turn?", new_color
+      pool = [c for c in COLORS if c not in seen]
       subject = f"{shape} that was {color}"
-    frames = [_draw(before if i < k else after) for i in range(n)]
+    frames = [_draw(base if i < k else after, **VIDEO_FRAME) for i in range(n)]
     if category == "video_event":
-      pool = self._event_distractors(base, what)
-      options, letter = _choices(rng, what, pool)
-      return frames, _mc_text("What happens in the video?", options), letter, options, letter
-    times = [_seconds(i / FPS) for i in range(1, n)]
+      options = rng.sample([p for p in pool if p != correct], 3) + [correct]
+      rng.shuffle(options)
+      letter = LETTERS[options.index(correct)]
+      return frames, _mc_text(question, options), letter, options, letter
+    earlier = rng.sample(range(1, k), j)
+    later = rng.sample(range(k + 1, n), 3 - j)
+    options = [_seconds(i / FPS) for i in sorted(earlier + [k] + later)]
     verb = {"appear": "appear", "move": "move", "change": "change colour"}[kind]
-    options, letter = _choices(rng, _seconds(t_event), times)
     q = _mc_text(f"When does the {subject} {verb}?", options)
-    return frames, q, letter, options, letter
-
-  def _event_distractors(self, base, what):
-    rng = self.rng
-    pool = {what}
-    while len(pool) < 4:
-      c, s, cell = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randrange(9)
-      pool.add(rng.choice((f"a {_name(c, s)} appears in {_where(cell)}",
-                           f"the {_name(c, s)} moves {rng.choice(list(DIRECTIONS))}",
-                           f"the {_name(c, s)} turns {rng.choice(list(COLORS))}")))
-    return sorted(pool)
+    return frames, q, LETTERS[j], options, LETTERS[j]
 
   def text_record(self):
     rng = self.rng
