@@ -279,11 +279,11 @@ class _Builder:
     """('image', image) or ('video', frames), then _reasoning's fields; a fifth are videos."""
     rng = self.rng
     if rng.random() < 0.2:
-      n, k = rng.randint(5, 8), rng.randint(1, 3)
+      n, k = rng.randint(*SHORT_FRAMES), rng.randint(1, 3)
       base = _scene(rng, rng.randint(1, 3))
       free = [c for c in range(9) if c not in {o[2] for o in base}]
       after = base + [(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(free))]
-      frames = [_draw(base if i < k else after) for i in range(n)]
+      frames = [_draw(base if i < k else after, **VIDEO_FRAME) for i in range(n)]
       return ("video", frames, *self._reasoning(after, end_of_video=True))
     objs = _scene(rng, rng.randint(2, 4))
     return ("image", _draw(objs), *self._reasoning(objs))
