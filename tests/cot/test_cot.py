@@ -112,7 +112,7 @@ def test_collect_skips_and_counts_bad_records(data):
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
     collect([ManifestConfig(path=str(data / "nope.jsonl"))])
   (data / "broken.jsonl").write_text('{"messages": []}\n{oops\n')
-  with pytest.raises(ValueError, match="broken.jsonl:2"):
+  with pytest.raises(ValueError, match="broken.jsonl line 2: invalid JSON"):
     collect([ManifestConfig(path=str(data / "broken.jsonl"))])
 
 
@@ -170,11 +170,11 @@ def test_review_import_errors_name_the_line(data, tokenizer):
   path = out / "review" / "edited.jsonl"
   good = {"id": "mixed/m1#3", "response": "<think>\nx\n</think>\n\n5", "decision": "keep"}
   cases = [
-      ("{not json\n", "edited.jsonl:1: not valid JSON"),
-      (json.dumps(good) + "\n" + json.dumps({**good, "id": "mixed/zz#0"}) + "\n", "edited.jsonl:2: unknown trace id"),
-      (json.dumps({**good, "response": "<think>\nx\n</think>\n\n7"}) + "\n", "edited.jsonl:1: .*does not verify"),
-      (json.dumps({**good, "decision": "maybe"}) + "\n", "edited.jsonl:1: decision"),
-      (json.dumps({**good, "score": 9}) + "\n", "edited.jsonl:1: score"),
+      ("{not json\n", "edited.jsonl line 1: invalid JSON"),
+      (json.dumps(good) + "\n" + json.dumps({**good, "id": "mixed/zz#0"}) + "\n", "edited.jsonl line 2: unknown trace id"),
+      (json.dumps({**good, "response": "<think>\nx\n</think>\n\n7"}) + "\n", "edited.jsonl line 1: .*does not verify"),
+      (json.dumps({**good, "decision": "maybe"}) + "\n", "edited.jsonl line 1: decision"),
+      (json.dumps({**good, "score": 9}) + "\n", "edited.jsonl line 1: score"),
   ]
   for text, msg in cases:
     path.write_text(text)

@@ -66,3 +66,21 @@ def test_multi_host_topology_compiles_one_process_engine_with_its_share_of_the_s
   assert dec["processes"] == 2 and dec["slots"] == 16 and dec["engine_mesh"]["fsdp"] == 4, dec
   assert dec["cache"] == rollout_bytes_per_chip(cfg, mesh)["cache"] == 4 * 2 * 4 * 2 * 256 * 32 * 4
   assert dec["cache_copies"]["whole"] == 0, dec
+
+
+@pytest.mark.parametrize("trainable", [("projector", "language"), ("vision", "projector", "language")])
+def test_plan_batch_is_the_batch_the_loop_packs(trainable):
+  """The update step `keye plan` compiles takes the arrays the RL loop packs: with a frozen tower the
+  rollout's vision_features (B, P, Dv) instead of pixel_values, same shapes and dtypes."""
+  from train.data.decode import TokenIds
+  from train.rl.batch import pack_responses, reused_vision_dim
+  from train.rl.plan import rl_abstract_batch
+  cfg = load_rl_config(os.path.join(REPO, "configs", "demo", "rl.yaml"))
+  cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, trainable=trainable))
+  mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+  planned = rl_abstract_batch(cfg, mesh)
+  d = cfg.data
+  packed = pack_responses([], d.seq_len, d.num_patches, d.batch_size, TokenIds(0, 3, 4, 5, 6),
+                          vision_dim=reused_vision_dim(cfg.model, cfg.optimizer.trainable))
+  assert ("vision_features" in planned) == ("vision" not in trainable)
+  assert {k: (v.shape, v.dtype) for k, v in planned.items()} == {k: (v.shape, v.dtype) for k, v in packed.items()}

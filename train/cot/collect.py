@@ -12,9 +12,9 @@ per-task sampling budgets and reports are not dominated by a long tail of tiny s
 from __future__ import annotations
 
 import collections
-import json
 import os
 
+from keye_jax.evaluate.items import read_jsonl
 from keye_jax.processing.chat import canonical_messages
 from keye_jax.processing.thinking import split_thinking
 from train.data.records import media_refs
@@ -98,19 +98,12 @@ def collect(manifests, *, min_task_size: int = 0, max_prompts: int = 0) -> tuple
       raise FileNotFoundError(f"{m.path}: no such manifest")
     source = m.name or os.path.splitext(os.path.basename(m.path))[0]
     base_dir = os.path.dirname(os.path.abspath(m.path))
-    with open(m.path) as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{m.path}:{line_no}: not valid JSON ({e.msg})") from None
-        prompt, reason = _prompt_of(record, base_dir, source, m.kind, line_no)
-        if prompt is None:
-          skipped[reason] += 1
-        else:
-          prompts.append(prompt)
+    for line_no, record in read_jsonl(m.path):
+      prompt, reason = _prompt_of(record, base_dir, source, m.kind, line_no)
+      if prompt is None:
+        skipped[reason] += 1
+      else:
+        prompts.append(prompt)
   sizes = collections.Counter(p["source"] for p in prompts)
   for p in prompts:
     p["task"] = "merged" if sizes[p["source"]] < min_task_size else p["source"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from keye_jax.evaluate.items import read_jsonl
 from keye_jax.processing.thinking import split_thinking, thinking_state
 from train.cot.assess import verify
 
@@ -37,43 +38,36 @@ def import_reviewed(path: str, assessed: list[dict], prompts: dict) -> tuple[dic
   """({trace id: reviewed trace (grade A, `reviewed`) or None for drop}, counts {kept, dropped, pending})."""
   queued = {t["id"]: t for t in queue_items(assessed)}
   out, counts = {}, {"kept": 0, "dropped": 0, "pending": 0}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-      if not isinstance(item, dict) or "id" not in item:
-        raise ValueError(f"{where}: a review line is an object with an 'id'")
-      if item["id"] not in queued:
-        raise ValueError(f"{where}: unknown trace id {item['id']!r} (not in the review queue)")
-      decision = item.get("decision")
-      if decision is None:
-        counts["pending"] += 1
-        continue
-      if decision not in ("keep", "drop"):
-        raise ValueError(f"{where}: decision must be 'keep', 'drop' or null, got {decision!r}")
-      if decision == "drop":
-        out[item["id"]] = None
-        counts["dropped"] += 1
-        continue
-      response = item.get("response")
-      if not isinstance(response, str) or not response.strip():
-        raise ValueError(f"{where}: a kept trace needs a non-empty 'response'")
-      trace = queued[item["id"]]
-      if not verify(response, prompts[trace["prompt_id"]]):
-        raise ValueError(f"{where}: the edited response's answer does not verify against the reference "
-                         f"{prompts[trace['prompt_id']]['answer']!r}")
-      score = item.get("score")
-      if score is not None and score not in (1, 2, 3, 4, 5):
-        raise ValueError(f"{where}: score must be 1-5 or null, got {score!r}")
-      thinking, answer = split_thinking(response)
-      out[item["id"]] = {**trace, "text": response, "thinking": thinking, "answer": answer,
-                         "state": thinking_state(response), "grade": "A", "answer_ok": True, "steps_ok": True,
-                         "reviewed": True, "edited": response != trace["text"], "review_score": score,
-                         "borderline": False}
-      counts["kept"] += 1
+  for n, item in read_jsonl(path):
+    where = f"{path} line {n}"
+    if "id" not in item:
+      raise ValueError(f"{where}: a review line is an object with an 'id'")
+    if item["id"] not in queued:
+      raise ValueError(f"{where}: unknown trace id {item['id']!r} (not in the review queue)")
+    decision = item.get("decision")
+    if decision is None:
+      counts["pending"] += 1
+      continue
+    if decision not in ("keep", "drop"):
+      raise ValueError(f"{where}: decision must be 'keep', 'drop' or null, got {decision!r}")
+    if decision == "drop":
+      out[item["id"]] = None
+      counts["dropped"] += 1
+      continue
+    response = item.get("response")
+    if not isinstance(response, str) or not response.strip():
+      raise ValueError(f"{where}: a kept trace needs a non-empty 'response'")
+    trace = queued[item["id"]]
+    if not verify(response, prompts[trace["prompt_id"]]):
+      raise ValueError(f"{where}: the edited response's answer does not verify against the reference "
+                       f"{prompts[trace['prompt_id']]['answer']!r}")
+    score = item.get("score")
+    if score is not None and score not in (1, 2, 3, 4, 5):
+      raise ValueError(f"{where}: score must be 1-5 or null, got {score!r}")
+    thinking, answer = split_thinking(response)
+    out[item["id"]] = {**trace, "text": response, "thinking": thinking, "answer": answer,
+                       "state": thinking_state(response), "grade": "A", "answer_ok": True, "steps_ok": True,
+                       "reviewed": True, "edited": response != trace["text"], "review_score": score,
+                       "borderline": False}
+    counts["kept"] += 1
   return out, counts

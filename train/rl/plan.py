@@ -35,6 +35,7 @@ from keye_jax.rollout import RolloutEngine
 from keye_jax.sharding import make_mesh
 from train.model_state import ModelShape, batch_shardings
 from train.plan import GIB, abstract_batch, hbm_gib, out_of_memory, per_chip_bytes, tpu_devices
+from train.rl.batch import reused_vision_dim
 from train.rl.config import load_rl_config
 from train.rl.rollouts import process_mesh, slots_per_process
 from train.rl.update import rl_loss_fn
@@ -42,9 +43,14 @@ from train.step import abstract_state, make_step
 
 
 def rl_abstract_batch(cfg, mesh) -> dict:
-  """The pre-training batch's arrays plus the RL per-token fields (and ref log-probs with a KL term)."""
+  """The pre-training batch's arrays plus the RL per-token fields (and ref log-probs with a KL term); with a
+  frozen vision tower, the rollout's vision_features in place of pixel_values, as the RL loop packs them."""
   batch = abstract_batch(cfg, mesh)
   b, s = cfg.data.batch_size, cfg.data.seq_len
+  if dim := reused_vision_dim(cfg.model, cfg.optimizer.trainable):
+    del batch["pixel_values"]
+    sh = batch_shardings(["vision_features"], mesh)["vision_features"]
+    batch["vision_features"] = jax.ShapeDtypeStruct((b, cfg.data.num_patches, dim), jnp.float32, sharding=sh)
   keys = ["old_logprobs", "advantages"] + (["ref_logprobs"] if cfg.rl.kl_coef > 0 else [])
   sh = batch_shardings(keys, mesh)
   for k in keys:
