@@ -37,6 +37,7 @@ def _probe(mode: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+@pytest.mark.slow   # a performance property (bench_train relies on it): ~20 s idle
 def test_freed_memory_is_reused_without_page_faults():
   system, reuse = _probe("system"), _probe("reuse")
   assert reuse["applied"]

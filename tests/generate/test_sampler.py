@@ -59,6 +59,7 @@ def test_greedy_matches_transformers_generate_batched_left_padded(pair, sampler)
     np.testing.assert_array_equal(np.asarray(g.tokens), want[r], err_msg=f"row {r}")
 
 
+@pytest.mark.slow   # test_decoder and test_rollout pin cached decoding; ~8 s idle
 def test_cached_decoding_equals_full_recomputation(pair, sampler):
   """Every generated token is the argmax of a full forward over prompt + generated prefix, and its
   log-prob matches that forward's log_softmax."""
@@ -162,6 +163,7 @@ def test_split_thinking_and_pack_prompts_positions():
   assert b["dummy"].tolist() == [False, False, True, True]
 
 
+@pytest.mark.slow   # sharding parity is pinned by test_decoder and the RL multi-process tests; ~17 s idle
 def test_sharded_sampler_matches_single_device():
   """Mesh data=2 x tensor=2 on 4 virtual CPU devices (own process: the device count is fixed at start)."""
   import subprocess

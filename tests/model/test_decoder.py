@@ -73,6 +73,7 @@ def test_mrope_rows_differ_matches_spec_formula(ref):
   assert np.abs(np.asarray(got) - want_logits).max() <= 1e-4
 
 
+@pytest.mark.slow   # a layout parity sweep; ~7 s idle
 def test_scanned_and_unscanned_layouts_agree(ref):
   t, hf = ref
   cfg, scanned = _ours(t, scan=True)
@@ -85,7 +86,7 @@ def test_scanned_and_unscanned_layouts_agree(ref):
   np.testing.assert_allclose(np.asarray(scanned.decoder(ids)), np.asarray(unscanned.decoder(ids)), atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", pytest.param("dots", marks=pytest.mark.slow)])
 def test_remat_gives_same_gradients(ref, remat):
   t, _ = ref
   _, plain = _ours(t)

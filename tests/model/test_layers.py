@@ -79,7 +79,7 @@ def test_platform_set_is_chosen_by_the_compile_platform(monkeypatch):
   assert ops.current() is ops.PLAIN
 
 
-@pytest.mark.parametrize("causal,sq", [(True, 256), (True, 40), (False, 48)])
+@pytest.mark.parametrize("causal,sq", [(True, 256), pytest.param(True, 40, marks=pytest.mark.slow), (False, 48)])
 def test_cpu_attention_matches_reference_autodiff(causal, sq):
   """The CPU attention (written-out VJP; causal 256..block_q queries split in halves) gives the plain
   reference's outputs and autodiff gradients, with packed segments, padding and grouped-query heads."""
@@ -102,7 +102,7 @@ def test_cpu_attention_matches_reference_autodiff(causal, sq):
   np.testing.assert_array_equal(cpu_ops.attention(q, k, v, impl="xla", **kw), ours[0])
 
 
-@pytest.mark.parametrize("r", [2, 8])
+@pytest.mark.parametrize("r", [pytest.param(2, marks=pytest.mark.slow), 8])
 def test_cpu_cache_attention_matches_reference(r):
   """XLA CPU's multiply-reduce decode attention equals the plain einsum form (kernels.decode), with
   left-padding holes, per-row lengths and an empty row; the merge with the new token's own key equals

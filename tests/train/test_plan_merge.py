@@ -10,6 +10,7 @@ from tests.cli.helpers import converted_text_model, demo_tokenizer
 from tests.train.helpers import losses, run_python, train_process, write_config
 
 
+@pytest.mark.slow   # AOT compile through libtpu (the not-fit test compiles too); ~9 s idle
 def test_plan_small_topology(tmp_path):
   cfg = write_config(tmp_path / "p.yaml", tmp_path / "run", mesh={"fsdp": -1},
                      data={"seq_len": 64, "num_patches": 32, "batch_size": 8})
