@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -170,6 +171,26 @@ def copy_tokenizer(src: str, dst: str) -> bool:
 # ---- loading a model from either kind ---------------------------------------------------------------
 
 
+class _DropReadOnlyNotices(logging.Filter):
+  NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+  def filter(self, record):
+    return not str(record.getMessage()).startswith(self.NOTICES)
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notices():
+  """Orbax warns three times that a read-only manager will not save or create directories: that is what
+  read-only asks for, so those notices (and only those) are dropped while the manager is made."""
+  drop = _DropReadOnlyNotices()
+  logger = logging.getLogger("absl")
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 def restore_run_params(run_dir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
   """Only the parameters of a run's checkpoint (latest unless `step`), laid out like `abstract_params`
   ({key: ShapeDtypeStruct with sharding}; another stage's trainable set or mesh is fine: optimizer state
@@ -177,7 +198,8 @@ def restore_run_params(run_dir: str, abstract_params: dict, step: int | None = N
   import jax
   import orbax.checkpoint as ocp
   directory = os.path.abspath(os.path.join(run_dir, RUN_CHECKPOINTS))
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  with _quiet_read_only_notices():
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:

@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
       args.overrides = list(args.overrides) + extra
     else:
       parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  _cpu_only_without_accelerators(args.command)
   if args.command in ("train", "rl"):
     from keye_jax import cpu_ops
     cpu_ops.prepare_host()  # before the command creates JAX's CPU client
@@ -287,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     message = " ".join(str(e).split()) or type(e).__name__
     print(f"keye {args.command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _cpu_only_without_accelerators(command: str) -> None:
+  """On a machine with no TPU or GPU device, JAX would try libtpu (installed for `keye plan`) and print a
+  screen of TPU warnings before falling back to the CPU: go straight to the CPU instead. `keye plan` keeps
+  libtpu (its ahead-of-time compiles need it); a JAX_PLATFORMS the user set, or JAX already imported by
+  the caller, is left alone."""
+  from keye_jax.host_memory import runs_on_cpu
+  if command != "plan" and "jax" not in sys.modules and not os.environ.get("JAX_PLATFORMS") and runs_on_cpu():
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _user_errors() -> tuple[type, ...]:
