@@ -14,7 +14,7 @@ vision patches in the emitted rows, after --warmup batches; nothing is asserted.
 Host cores per chip (`--video-examples N`, 0 to skip): two video mixes are encoded in this process by the
 same Decoder the Grain workers run, then packed (fit_example + BinPacker + build_row), timed in process CPU
 time (all threads), so the rates are per core however loaded the machine is:
-  demo   the demo dataset's train videos (84x84, 5-32 frames, upscaled to >= 196x196 per frame)
+  demo   the demo dataset's train videos (224x168 frames, the reference's smallest video frame; 5-32 of them)
   720p   20 s 720p H.264 clips at the default 2 fps (40 frames each), one decode-heavy and one cheap
          (tests/processing/media.write_clip, cached in --workdir), each with a question
 Printed per mix: examples/s per worker core (decode + vision preprocessing + tokenising), packed tokens/s per
