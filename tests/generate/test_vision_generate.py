@@ -13,26 +13,17 @@ import pytest
 from flax import nnx
 
 from keye_jax.cli.generate import generate_cli
-from keye_jax.config import KeyeConfig
 from keye_jax.evaluate import run_eval
 from keye_jax.generate import Sampler, SamplingParams, encode_messages
 from keye_jax.model import KeyeVL
-from keye_jax.processing import build_demo_tokenizer
 from keye_jax.processing.vision_layout import vision_layout
-from tests.model.hf_reference import tiny_text_config, tiny_vision_config
+from tests.tiny_demo import tiny_demo
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from train.data.demo import write_demo_dataset
   root = tmp_path_factory.mktemp("demo")
-  tok = build_demo_tokenizer(str(root / "tok"))
-  write_demo_dataset(str(root / "data"), seed=1, with_tfds=False, scale=0.05)
-  sp = tok.special
-  cfg = KeyeConfig(text=tiny_text_config(vocab_size=tok.vocab_size), vision=tiny_vision_config(),
-                   attention_impl="xla", image_token_id=sp.image_pad, video_token_id=sp.video_pad,
-                   vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
-                   bos_token_id=sp.endoftext, eos_token_id=sp.im_end)
+  tok, cfg = tiny_demo(root, seed=1)
   model = KeyeVL(cfg, rngs=nnx.Rngs(0))
   records = [json.loads(x) for x in (root / "data" / "test.jsonl").read_text().splitlines()]
   # One sampler for every test here, all batches of two rows: the compiled programs are shared.

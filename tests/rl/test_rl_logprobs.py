@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from keye_jax.config import KeyeConfig
 from keye_jax.model import KeyeVL
-from keye_jax.processing import build_demo_tokenizer
-from tests.model.hf_reference import tiny_text_config, tiny_vision_config
+from tests.tiny_demo import tiny_demo
 from train.data.decode import token_ids
 from train.data.sources import ManifestSource
 from train.model_state import ModelShape
@@ -26,15 +24,8 @@ from train.rl.update import aligned_logprobs, rl_loss_fn
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from train.data.demo import write_demo_dataset
   root = tmp_path_factory.mktemp("rl_demo")
-  tok = build_demo_tokenizer(str(root / "tok"))
-  write_demo_dataset(str(root / "data"), seed=2, with_tfds=False, scale=0.05)
-  sp = tok.special
-  cfg = KeyeConfig(text=tiny_text_config(vocab_size=tok.vocab_size), vision=tiny_vision_config(),
-                   attention_impl="xla", image_token_id=sp.image_pad, video_token_id=sp.video_pad,
-                   vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
-                   bos_token_id=sp.endoftext, eos_token_id=sp.im_end)
+  tok, cfg = tiny_demo(root, seed=2)
   return root, tok, cfg
 
 

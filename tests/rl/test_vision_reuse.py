@@ -17,13 +17,11 @@ import pytest
 pytestmark = pytest.mark.slow
 from flax import nnx
 
-from keye_jax.config import KeyeConfig
 from keye_jax.model import KeyeVL
-from keye_jax.processing import build_demo_tokenizer
 from keye_jax.processing.vision_layout import vision_layout
 from keye_jax.sharding import make_mesh
 from keye_jax.vision import VisionTower
-from tests.model.hf_reference import tiny_text_config, tiny_vision_config
+from tests.tiny_demo import tiny_demo
 from train.config import OptimizerConfig
 from train.data.config import DataConfig
 from train.data.decode import token_ids
@@ -42,15 +40,8 @@ ROWS = 4
 @pytest.fixture(scope="module")
 def rollout(tmp_path_factory):
   """An image prompt and a video prompt (several frames), 2 samples each from a tiny Keye-VL."""
-  from train.data.demo import write_demo_dataset
   root = tmp_path_factory.mktemp("vision_reuse")
-  tok = build_demo_tokenizer(str(root / "tok"))
-  write_demo_dataset(str(root / "data"), seed=2, with_tfds=False, scale=0.05)
-  sp = tok.special
-  cfg = KeyeConfig(text=tiny_text_config(vocab_size=tok.vocab_size), vision=tiny_vision_config(),
-                   attention_impl="xla", image_token_id=sp.image_pad, video_token_id=sp.video_pad,
-                   vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
-                   bos_token_id=sp.endoftext, eos_token_id=sp.im_end)
+  tok, cfg = tiny_demo(root, seed=2)
   prompts = [PromptDecoder(tok, 0)(ManifestSource(str(root / "data" / m))[0])
              for m in ("train_reasoning.jsonl", "train_video.jsonl")]
   assert prompts[0]["pixel_values"] is not None and len(prompts[1]["grids_hw"]) > 1  # image; video frames
