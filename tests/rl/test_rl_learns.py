@@ -13,6 +13,12 @@ import pytest
 import yaml
 
 from tests.train.helpers import REPO
+from train.rewards.registry import per_item, register
+
+
+@register("test_contains_y")  # registered once, at import, so a second run in one process finds it as is
+def contains_y():
+  return per_item(lambda sample, response: float("y" in response))
 
 
 @pytest.mark.slow   # 20 RL steps: ~30 s on the 2-core machine
@@ -20,11 +26,9 @@ def test_gspo_raises_a_reward_the_policy_can_sample(tmp_path):
   from keye_jax.processing import build_demo_tokenizer
   from train.data.demo import write_demo_dataset
   from train.metrics import read_metrics
-  from train.rewards.registry import per_item, register
   from train.rl import loop
   write_demo_dataset(str(tmp_path / "data"), seed=4, with_tfds=False, scale=0.05)
   build_demo_tokenizer(str(tmp_path / "data" / "tokenizer"))
-  register("test_contains_y")(lambda: per_item(lambda sample, response: float("y" in response)))
   cfg = {"model": os.path.join(REPO, "configs", "model", "tiny.yaml"), "tokenizer": str(tmp_path / "data" / "tokenizer"),
          "data": {"sources": [{"path": str(tmp_path / "data" / "train_reasoning.jsonl")}], "seq_len": 256,
                   "num_patches": 128, "batch_size": 16, "seed": 1},
