@@ -8,7 +8,7 @@ Batch (fixed shapes; see keye_jax/processing/vision_layout.py for the vision met
   rollout's encodes, reused when the tower is frozen); when present the tower is not run and the features
   go straight to the projector (pixel_values, patch_segment_ids and patch_pos are then not read).
 The k-th real merged vision token of a row replaces the embedding of the row's k-th
-`<|image_pad|>`/`<|video_pad|>` token.
+`<|image_pad|>`/`<|video_pad|>` token that is not a training target (loss_mask, when the batch has one).
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ class KeyeVL(nnx.Module):
     else:
       feats = self.vision(batch["pixel_values"], batch["patch_segment_ids"], batch["patch_pos"])  # (B, P, Dv)
     tokens = self.projector(feats, batch["merge_index"])                                        # (B, T, Dt)
-    return scatter_vision(x, tokens, self.vision_token_mask(ids))
+    is_vision = self.vision_token_mask(ids)
+    if "loss_mask" in batch:
+      # A trained-on token is never a vision slot (media in an assistant turn is refused as a target): a pad
+      # id there is one the model sampled (an RL response), an ordinary token, as the sampler embedded it.
+      is_vision &= ~batch["loss_mask"].astype(bool)
+    return scatter_vision(x, tokens, is_vision)
 
   def vision_token_mask(self, ids):
     return (ids == self.cfg.image_token_id) | (ids == self.cfg.video_token_id)

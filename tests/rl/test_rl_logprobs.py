@@ -66,3 +66,33 @@ def test_sampler_and_trainer_logprobs_agree_so_the_first_ratio_is_one(setup):
   assert float(n) == 4
   np.testing.assert_allclose(float(m["ratio_sum"]) / 4, 1.0, atol=1e-5)
   assert float(m["clip_sum"]) == 0.0
+
+
+def test_a_sampled_vision_pad_token_is_an_ordinary_token_to_the_trainer(setup):
+  """A response may contain an image/video pad id (the sampler can draw any token; to the decoder it is an
+  ordinary token). The trainer must not give it vision features: before, the first such token in a packed
+  row took the next example's first vision token and shifted every later image in the row by one (seen in
+  the demo's RL: ratios of 0.77 on a clean response that shared a row with one)."""
+  from tests.generate.test_rollout import _forward_logprobs
+  root, tok, cfg = setup
+  src = ManifestSource(str(root / "data" / "train_reasoning.jsonl"))
+  prompts = [PromptDecoder(tok, 0)(src[i]) for i in range(2)]
+  assert all(p["pixel_values"] is not None for p in prompts)
+  shape = ModelShape.of(cfg)
+  model = KeyeVL(cfg, rngs=nnx.Rngs(3))
+  params = shape.flatten(model)
+  ids = token_ids(tok)
+  tokens = [np.asarray([40, ids.image_pad, 41, ids.video_pad, 42], np.int32), np.asarray([43, 44, 45], np.int32)]
+  # the reference: each response alone, only its prompt's pad tokens taking vision features (the sampler's view)
+  want = [_forward_logprobs(model, to_prompt(p), t)[np.arange(len(t)), t] for p, t in zip(prompts, tokens)]
+  responses = [Response(p["input_ids"], p["position_ids"], p["pixel_values"], p["grids_hw"], t,
+                        np.zeros(len(t), np.float32), 1.0) for p, t in zip(prompts, tokens)]
+  n_patch = sum(len(p["pixel_values"]) for p in prompts)
+  seq = sum(len(r.prompt_ids) + len(r.tokens) for r in responses)
+  batch = pack_responses(responses, seq_len=seq + 8, num_patches=-(-n_patch // 4) * 4, rows=1, ids=ids)
+  assert (batch["segment_ids"][0] == 2).any()  # both responses share the row, the one with pad ids first
+  jb = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  lp = np.asarray(jax.jit(lambda prm, b: aligned_logprobs(shape.build(prm), b, chunk=64))(params, jb))[0]
+  for s, w in zip((1, 2), want):
+    got = lp[(batch["segment_ids"][0] == s) & batch["loss_mask"][0]]
+    np.testing.assert_allclose(got, w, atol=1e-5, err_msg=f"response {s}")

@@ -77,6 +77,7 @@ def test_metrics_hints_and_pass_rates(demo, monkeypatch):
   for k in METRICS:
     assert k in rec and np.isfinite(rec[k]), k
   assert rec["hinted_groups"] == 2 and rec["pass_rate"] == 0.0
+  assert rec["reward/answer"] == rec["reward_mean"]  # each reward's own mean (here the only one)
   # each prompt sampled without a hint, with L1, then with L2 (whose group was kept)
   assert len(seen) == 6 and sum("Hint:" in s for s in seen) == 4
   state = json.load(open(run_dir / "pass_rates" / "process_0.json"))

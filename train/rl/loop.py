@@ -150,12 +150,12 @@ class RLRun:
                           with_ref=self.with_ref, vision_dim=self.vision_dim)
 
   def _score(self, metas, texts):
-    total, _ = self.rewards(metas, texts)
+    total, parts = self.rewards(metas, texts)
     thr = self.cfg.rl.correct_threshold
     # A prompt without a reference answer (an instruction prompt) is passed when its reward is.
     correct = np.asarray([hinting.is_correct(m, t, thr) if m.get("reference") is not None else r > thr
                           for m, t, r in zip(metas, texts, total)])
-    return np.asarray(total, np.float32), correct
+    return np.asarray(total, np.float32), correct, parts
 
   def step(self) -> dict:
     cfg, r = self.cfg, self.cfg.rl
@@ -173,10 +173,10 @@ class RLRun:
     # Rewards, correctness, pass rates; progressive hints for groups that failed entirely.
     t2 = time.perf_counter()
     arrays = [dict(p) for p in prompts]
-    rewards, corrects, hint_levels = [], [], []
+    rewards, corrects, hint_levels, parts = [], [], [], []
     tracker = self.records.tracker
     for i, (p, grp) in enumerate(zip(prompts, groups)):
-      rew, ok = self._score([p["meta"]] * g, [x.text for x in grp])
+      rew, ok, part = self._score([p["meta"]] * g, [x.text for x in grp])
       corrects.append(ok)
       pid = p["meta"]["id"]
       hints = prompt_hints(p["meta"], r.hints) if r.hints.enabled else None
@@ -188,14 +188,15 @@ class RLRun:
         t_h = time.perf_counter()
         hgrp = self.rollouts.sample([to_prompt(hinted)], [prompt_seed(cfg.seed, p["key"], lv)], g)[0]
         t_rollout += time.perf_counter() - t_h
-        hrew, hok = self._score([p["meta"]] * g, [x.text for x in hgrp])
+        hrew, hok, hpart = self._score([p["meta"]] * g, [x.text for x in hgrp])
         decision = tracker.observe(pid, hok, has_hints=True)
         if decision.action == "update":  # the first level with a correct response: its group is used
-          level, groups[i], rew, arrays[i] = lv, hgrp, hrew, {**p, **hinted}
+          level, groups[i], rew, part, arrays[i] = lv, hgrp, hrew, hpart, {**p, **hinted}
           if self.vision_dim:
             features[i] = self.rollouts.features[0]
       hint_levels.append(level)
       rewards.append(rew)
+      parts.append(part)
     t_reward = time.perf_counter() - t2 - (t_rollout - t_first_rollout)  # hint rollouts count as rollout
     # Advantages and the minibatches (a response's minibatch depends on its prompt's element only).
     t3 = time.perf_counter()
@@ -231,11 +232,13 @@ class RLRun:
     old_lp = np.concatenate([np.asarray(x.logprobs, np.float64) for grp in groups for x in grp] or [np.zeros(0)])
     no_signal = sum(float(np.all(rw == rw[0])) for rw in rewards)
     hinted = sum(1 for lv in hint_levels if lv > 0)
+    names = [name for name, _, _ in self.rewards.parts]  # each reward's own mean, unweighted (TRL's rewards/<name>)
+    part_sums = [sum(float(np.sum(pt[name])) for pt in parts) for name in names]
     tot = _allsum(np.asarray([all_r.sum(), np.square(all_r).sum(), len(all_r), sum(c.sum() for c in corrects),
                               len(prompts), no_signal, lengths.sum(), -old_lp.sum(), len(old_lp), hinted,
-                              self.rollouts.tokens - tok0, self.rollouts.seconds - sec0], np.float64))
+                              self.rollouts.tokens - tok0, self.rollouts.seconds - sec0, *part_sums], np.float64))
     (r_sum, r_sq, n_resp, n_correct, n_groups, n_flat, len_sum, nlp_sum, n_tok, n_hinted, gen_tokens,
-     gen_seconds) = tot
+     gen_seconds) = tot[:12]
     n_proc = jax.process_count()
     step_seconds = time.perf_counter() - t0
     mean = r_sum / max(n_resp, 1)
@@ -253,6 +256,7 @@ class RLRun:
            "reward_seconds": max(t_reward, 0.0), "update_seconds": t_update, "data_seconds": t_data,
            "skipped_steps": int(_host(self.state["skipped"])), "skipped_updates": skipped,
            "optimizer_steps": int(_host(self.state["step"]))}
+    rec.update({f"reward/{name}": float(v) / max(n_resp, 1) for name, v in zip(names, tot[12:])})
     if "kl_sum" in sums:
       rec["kl"] = sums["kl_sum"] / max(sums["responses"], 1)
     if self.records.reward_before is None:
