@@ -234,11 +234,12 @@ class RLRun:
     hinted = sum(1 for lv in hint_levels if lv > 0)
     names = [name for name, _, _ in self.rewards.parts]  # each reward's own mean, unweighted (TRL's rewards/<name>)
     part_sums = [sum(float(np.sum(pt[name])) for pt in parts) for name in names]
-    tot = _allsum(np.asarray([all_r.sum(), np.square(all_r).sum(), len(all_r), sum(c.sum() for c in corrects),
-                              len(prompts), no_signal, lengths.sum(), -old_lp.sum(), len(old_lp), hinted,
-                              self.rollouts.tokens - tok0, self.rollouts.seconds - sec0, *part_sums], np.float64))
+    sums_here = [all_r.sum(), np.square(all_r).sum(), len(all_r), sum(c.sum() for c in corrects), len(prompts),
+                 no_signal, lengths.sum(), -old_lp.sum(), len(old_lp), hinted, self.rollouts.tokens - tok0,
+                 self.rollouts.seconds - sec0]
+    tot = _allsum(np.asarray(sums_here + part_sums, np.float64))  # one collective for all of them
     (r_sum, r_sq, n_resp, n_correct, n_groups, n_flat, len_sum, nlp_sum, n_tok, n_hinted, gen_tokens,
-     gen_seconds) = tot[:12]
+     gen_seconds), part_tot = tot[:len(sums_here)], tot[len(sums_here):]
     n_proc = jax.process_count()
     step_seconds = time.perf_counter() - t0
     mean = r_sum / max(n_resp, 1)
@@ -256,7 +257,7 @@ class RLRun:
            "reward_seconds": max(t_reward, 0.0), "update_seconds": t_update, "data_seconds": t_data,
            "skipped_steps": int(_host(self.state["skipped"])), "skipped_updates": skipped,
            "optimizer_steps": int(_host(self.state["step"]))}
-    rec.update({f"reward/{name}": float(v) / max(n_resp, 1) for name, v in zip(names, tot[12:])})
+    rec.update({f"reward/{name}": float(v) / max(n_resp, 1) for name, v in zip(names, part_tot)})
     if "kl_sum" in sums:
       rec["kl"] = sums["kl_sum"] / max(sums["responses"], 1)
     if self.records.reward_before is None:
