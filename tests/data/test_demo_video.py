@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keye_jax.processing.sizing import IMAGE_FACTOR, video_frame_sizes
+from keye_jax.processing.slowfast import classify, frame_features
 from train.data.demo import COLORS, FPS, LETTERS, POSITIONS, VIDEO_FRAME, _Builder
 
 N = 400
@@ -45,7 +46,7 @@ def _cell_colour(frame: np.ndarray, cell: int):
   r, c = divmod(cell, 3)
   size, left = VIDEO_FRAME["cell_px"], VIDEO_FRAME["left"]
   patch = frame[r * size:(r + 1) * size, left + c * size:left + (c + 1) * size].reshape(-1, 3).astype(int)
-  fg = patch[np.abs(patch - [20, 20, 28]).sum(-1) > 60]
+  fg = patch[np.abs(patch - VIDEO_FRAME["background"]).sum(-1) > 60]
   if len(fg) < 100:
     return None
   med = np.median(fg, axis=0)
@@ -76,3 +77,20 @@ def test_labels_agree_with_frames(records):
       seen_any = seen_last | {_cell_colour(first, c) for c in range(9)}
       assert correct in seen_last and not set(distractors) & seen_any, question
   assert kinds["move"] >= 10 and kinds["colour"] >= 10, kinds
+
+
+def test_the_event_frame_is_a_slow_frame(records):
+  """The reference's slow/fast classification marks the event: when a shape appears or moves, frame 0 and
+  the first changed frame are the slow frames. A colour change keeps the shape's brightness and saturation,
+  so its patches stay similar (HSV cosine > 0.7) and its frame may stay fast."""
+  kinds = collections.Counter()
+  for frames, question, *_ in records["video_time"][:100]:
+    arrays = np.stack([np.asarray(f).transpose(2, 0, 1) for f in frames])
+    change = next(i for i, f in enumerate(arrays) if not np.array_equal(f, arrays[0]))
+    slow = set(np.flatnonzero(classify(*frame_features(arrays)) == 0).tolist())
+    if "change colour" in question:
+      assert slow <= {0, change}
+    else:
+      assert slow == {0, change}, (question, slow, change)
+      kinds["marked"] += 1
+  assert kinds["marked"] >= 50, kinds
