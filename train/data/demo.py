@@ -93,8 +93,9 @@ CELL = 28
 BACKGROUND = (20, 20, 28)
 # Video frames are black around the shapes: the reference's slow/fast classifier leaves out patches that are
 # black in both frames, so an event changes a large share of the few patches left and its frame is a slow
-# frame (on the images' dark grey all 48 patches count, an event changes 4 and every frame after the first
-# is fast).
+# frame when a shape appears or moves (136 of 136 in 200 videos; a colour change keeps brightness and
+# saturation and mostly stays fast). On the images' dark grey all 48 patches count, an event changes 4-8 of
+# them, and 179 of 200 event frames were fast.
 VIDEO_FRAME = {"size": (224, 168), "cell_px": 56, "left": 28, "background": (0, 0, 0)}
 SHORT_FRAMES = (5, 6)
 FPS = 2
