@@ -1,7 +1,8 @@
 """The first ratio is exactly 1: the log-probs the sampler returns for its tokens (the old policy) and the
 trainer's log-probs of the same tokens in packed RL rows agree to fp32 precision, for a prompt with an
 image and one with a video (slow/fast frames), through the RL prompt stream's decoder and the loop's
-rollout adapter (parameters handed over in place)."""
+rollout adapter (parameters handed over in place); at temperature 1 and at 0.7, where both sides measure
+softmax(logits / temperature), the policy the rollouts sample."""
 
 from __future__ import annotations
 
@@ -36,14 +37,15 @@ def _prompt(root, tok, manifest):
   return p
 
 
-def test_sampler_and_trainer_logprobs_agree_so_the_first_ratio_is_one(setup):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_and_trainer_logprobs_agree_so_the_first_ratio_is_one(setup, temperature):
   root, tok, cfg = setup
   prompts = [_prompt(root, tok, "train_reasoning.jsonl"), _prompt(root, tok, "train_video.jsonl")]
   assert prompts[0]["pixel_values"] is not None and prompts[1]["pixel_values"] is not None
   assert len(prompts[1]["grids_hw"]) > 1  # video frames
   shape = ModelShape.of(cfg)
   params = shape.flatten(KeyeVL(cfg, rngs=nnx.Rngs(3)))
-  rl = RLConfig(max_new_tokens=12, temperature=1.0, group_size=2, minibatches=1)
+  rl = RLConfig(max_new_tokens=12, temperature=temperature, group_size=2, minibatches=1)
   rollouts = Rollouts(shape, tok, None, rl)
   rollouts.set_weights(params)
   groups = rollouts.sample([to_prompt(p) for p in prompts], [11, 12], 2)
@@ -56,7 +58,8 @@ def test_sampler_and_trainer_logprobs_agree_so_the_first_ratio_is_one(setup):
   batch = pack_responses(responses, seq_len=seq + 8, num_patches=-(-n_patch // 4) * 4 + 4, rows=2,
                          ids=token_ids(tok))
   jb = {k: jax.numpy.asarray(v) for k, v in batch.items()}
-  lp = np.asarray(jax.jit(lambda prm, b: aligned_logprobs(shape.build(prm), b, chunk=64))(params, jb))
+  lp = np.asarray(jax.jit(lambda prm, b: aligned_logprobs(shape.build(prm), b, chunk=64,
+                                                          temperature=temperature))(params, jb))
   mask = batch["loss_mask"]
   assert mask.sum() == sum(len(r.tokens) for r in responses)
   diff = np.abs(lp[mask] - batch["old_logprobs"][mask])

@@ -59,14 +59,14 @@ class RLConfig:
   eps_high: float = 0.0  # 0: the variant's default (gspo 4e-4, grpo 0.2)
   kl_coef: float = 0.0  # > 0: KL to the frozen initial policy, its log-probs computed once per batch
   advantage_eps: float = 1e-6  # A_i = (r_i - mean) / (std + eps)
-  # Sampling (the log-probs that become the old policy are the model's at temperature 1).
+  # Sampling. The policy trained is softmax(logits / temperature), the distribution the rollouts draw from
+  # (as in TRL and verl), so the sampler's log-probs are the old policy's and the first ratio is 1. No
+  # top-k/top-p: the sampled distribution would then differ from the one the trainer's log-probs measure.
   max_new_tokens: int = 512
   max_prompt_len: int = 1024  # longer prompts (text tokens) are skipped, counted in the metrics
   max_prompt_patches: int = 4096  # prompts with more vision patches are skipped
   categories: tuple[str, ...] = ()  # only prompts whose record `category` is one of these (empty: all)
   temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
   slots: int = 64  # global decode slots: each process's rollout engine runs rl.slots / processes
   # Rewards (train/rewards): a list of {name, weight, ...options}; `correct_threshold` on the rule
   # verifier's score decides a response's correctness (pass rates, hints, the no-signal share).
@@ -83,6 +83,8 @@ class RLConfig:
     for name in ("prompts_per_step", "group_size", "minibatches", "max_new_tokens", "max_prompt_len", "slots"):
       if getattr(self, name) < 1:
         raise ConfigError(f"rl.{name} must be positive")
+    if not self.temperature > 0:
+      raise ConfigError(f"rl.temperature={self.temperature} must be > 0 (RL samples; greedy responses give no signal)")
     if self.kl_coef < 0:
       raise ConfigError("rl.kl_coef must be >= 0")
     if not 1 <= self.hints.max_level <= 5:

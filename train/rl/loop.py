@@ -139,7 +139,8 @@ class RLRun:
       self.ref_params = _init_params(cfg, self.fns, self.shape)
       if self.ref_params is None:
         raise ValueError("rl.kl_coef > 0 needs init_from (the frozen reference policy)")
-      self.ref_fn = make_ref_logprobs(self.shape, self.mesh, self.batch_keys, cfg.loss_chunk)
+      self.ref_fn = make_ref_logprobs(self.shape, self.mesh, self.batch_keys, cfg.loss_chunk,
+                                      temperature=r.temperature)
     self.rollouts = Rollouts(self.shape, self.tokenizer, self.mesh, r, keep_features=self.vision_dim > 0)
 
   # -- one step ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 to the sampler as they are: `ModelShape.build(params)` makes a module over the same arrays, so there is no
 copy, no name mapping and no resharding, and the compiled sampling programs are reused (the weights are
 arguments). `sample(prompts, seeds)` returns, per prompt, G `Generation`s (tokens, the log-probs of the
-sampled tokens under the model at temperature 1, text, finish_reason, thinking, answer).
+sampled tokens under the policy, softmax(logits / rl.temperature), text, finish_reason, thinking, answer).
 
 Every prompt has its own seed, so its responses do not depend on which other prompts share the batch (or
 the process): what makes a run on two processes equal to a run on one, and a resumed run equal to an
@@ -73,8 +73,7 @@ class Rollouts:
   def params(self, seed: int, *, greedy: bool = False, max_new_tokens: int | None = None) -> SamplingParams:
     c = self.cfg
     return SamplingParams(max_new_tokens=max_new_tokens or c.max_new_tokens,
-                          temperature=0.0 if greedy else c.temperature, top_k=c.top_k, top_p=c.top_p,
-                          seed=int(seed))
+                          temperature=0.0 if greedy else c.temperature, seed=int(seed))
 
   def sample(self, prompts: list[Prompt], seeds: list[int], n: int) -> list[list]:
     """Per prompt, `n` Generations sampled with that prompt's seed."""

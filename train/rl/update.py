@@ -18,9 +18,10 @@ from train.model_state import batch_shardings
 from train.rl.loss import policy_loss
 
 
-def aligned_logprobs(model, batch, *, chunk: int):
-  """(B, S) float32 log-prob of each token given the tokens before it (0 at position 0)."""
-  lp = token_logprobs(model, batch, chunk=chunk)  # position t: log p(input_ids[t+1])
+def aligned_logprobs(model, batch, *, chunk: int, temperature: float = 1.0):
+  """(B, S) float32 log-prob of each token given the tokens before it (0 at position 0), under
+  softmax(logits / temperature): the policy RL trains is the one it samples from (as in TRL and verl)."""
+  lp = token_logprobs(model, batch, chunk=chunk, temperature=temperature)  # position t: log p(input_ids[t+1])
   return jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp[:, :-1]], axis=1)
 
 
@@ -30,7 +31,7 @@ def rl_loss_fn(rl_cfg, chunk: int):
   kl_coef = rl_cfg.kl_coef
 
   def loss_fn(model, batch):
-    lp = aligned_logprobs(model, batch, chunk=chunk)
+    lp = aligned_logprobs(model, batch, chunk=chunk, temperature=rl_cfg.temperature)
     loss, m = policy_loss(lp, batch["old_logprobs"], batch["advantages"], batch["loss_mask"],
                           segment_ids=batch["segment_ids"], variant=rl_cfg.variant, eps_low=eps_low,
                           eps_high=eps_high, ref_logprobs=batch.get("ref_logprobs"), kl_coef=kl_coef)
@@ -48,11 +49,12 @@ def rl_loss_fn(rl_cfg, chunk: int):
   return loss_fn
 
 
-def make_ref_logprobs(shape, mesh, batch_keys, chunk: int):
-  """Jitted (params, batch) -> (B, S) aligned log-probs, for the frozen reference policy."""
+def make_ref_logprobs(shape, mesh, batch_keys, chunk: int, temperature: float = 1.0):
+  """Jitted (params, batch) -> (B, S) aligned log-probs at `temperature`, for the frozen reference policy."""
   from train.model_state import ModelShape  # noqa: F401 (shape is a ModelShape)
   sh = batch_shardings(batch_keys, mesh)
-  fn = jax.jit(lambda params, batch: aligned_logprobs(shape.build(params), batch, chunk=chunk),
+  fn = jax.jit(lambda params, batch: aligned_logprobs(shape.build(params), batch, chunk=chunk,
+                                                            temperature=temperature),
                in_shardings=(shape.shardings(mesh), sh), out_shardings=sh["input_ids"])
 
   def run(params, batch):
