@@ -68,7 +68,14 @@ appear events). The video path itself is sound: a model taught 224x168 images (3
 them; the stage-3 model it started from 28%) scores 48% on the same scenes as static 5-frame videos. What made
 one question learnable is the slow/fast structure: on a black frame background the event's frame is a
 slow frame, and 200 video-only steps from stage 3 then reach 53% on video_time (33% with the same
-training on the grey background; 100 items each), while video_event stays at 29-32%.
+training on the grey background; 100 items each), while video_event stays at 29-32%. Why the event stays
+out of reach: a new question type takes the tiny model a long plateau even on images (the event question
+on an 84x84 image of its outcome, 3,000 items, lr 3e-4: loss at chance for ~300 steps of ~12 examples, then
+87% on 100 held-out after 1,000 steps), and nothing of the image skill carries to frames, because the random
+tower's features depend on the patch grid (the stage-3 model reads its image questions pasted unscaled into
+a black 224x168 frame at chance, 27.5%, against 89.9% as they are); 600 video-only steps at 1e-3 on 3,000
+event videos from stage 3 left the loss at chance (27% on 100). Plateau and transfer together need more
+video examples than the demo's 15 minutes hold.
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
