@@ -70,10 +70,8 @@ class Rollouts:
     else:
       self.engine.set_weights(model)
 
-  def params(self, seed: int, *, greedy: bool = False, max_new_tokens: int | None = None) -> SamplingParams:
-    c = self.cfg
-    return SamplingParams(max_new_tokens=max_new_tokens or c.max_new_tokens,
-                          temperature=0.0 if greedy else c.temperature, seed=int(seed))
+  def params(self, seed: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, seed=int(seed))
 
   def sample(self, prompts: list[Prompt], seeds: list[int], n: int) -> list[list]:
     """Per prompt, `n` Generations sampled with that prompt's seed."""
