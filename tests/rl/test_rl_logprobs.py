@@ -6,6 +6,8 @@ softmax(logits / temperature), the policy the rollouts sample."""
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -99,3 +101,14 @@ def test_a_sampled_vision_pad_token_is_an_ordinary_token_to_the_trainer(setup):
   for s, w in zip((1, 2), want):
     got = lp[(batch["segment_ids"][0] == s) & batch["loss_mask"][0]]
     np.testing.assert_allclose(got, w, atol=1e-5, err_msg=f"response {s}")
+
+
+def test_rl_samples_from_the_policy_it_trains():
+  """A greedy "policy" gives no signal, and top-k/top-p would sample a distribution the trainer's log-probs
+  do not measure: the config refuses both by name."""
+  from keye_jax.config import ConfigError
+  from train.rl.config import load_rl_config
+  with pytest.raises(ConfigError, match=r"rl.temperature=0.0 must be > 0"):
+    RLConfig(temperature=0.0)
+  with pytest.raises(ConfigError, match=r"unknown config key rl.top_p"):
+    load_rl_config(str(pathlib.Path(__file__).parents[2] / "configs/demo/rl.yaml"), ["rl.top_p=0.9"])
