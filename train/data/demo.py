@@ -73,9 +73,9 @@ out of reach: a new question type takes the tiny model a long plateau even on im
 on an 84x84 image of its outcome, 3,000 items, lr 3e-4: loss at chance for ~300 steps of ~12 examples, then
 87% on 100 held-out after 1,000 steps), and nothing of the image skill carries to frames, because the random
 tower's features depend on the patch grid (the stage-3 model reads its image questions pasted unscaled into
-a black 224x168 frame at chance, 27.5%, against 89.9% as they are); 600 video-only steps at 1e-3 on 3,000
-event videos from stage 3 left the loss at chance (27% on 100). Plateau and transfer together need more
-video examples than the demo's 15 minutes hold.
+a black 224x168 frame at chance, 27.5%, against 89.9% as they are). On 3,000 event videos from stage 3,
+1,500 video-only steps at 1e-3 (~8,000 examples) and 1,200 at 3e-4 left the loss at chance (27% and 29% on
+100): at the frame size the question was not learnt at any budget tried, let alone within the demo's.
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
