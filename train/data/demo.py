@@ -75,7 +75,11 @@ on an 84x84 image of its outcome, 3,000 items, lr 3e-4: loss at chance for ~300 
 tower's features depend on the patch grid (the stage-3 model reads its image questions pasted unscaled into
 a black 224x168 frame at chance, 27.5%, against 89.9% as they are). On 3,000 event videos from stage 3,
 1,500 video-only steps at 1e-3 (~8,000 examples) and 1,200 at 3e-4 left the loss at chance (27% and 29% on
-100): at the frame size the question was not learnt at any budget tried, let alone within the demo's.
+100): at the frame size the question was not learnt at any budget tried, let alone within the demo's. The
+frame's 56 px cells are what stalls it, not the frames: on one 224x168 image of the outcome it stays at
+chance too (28% after 1,000 steps at 3e-4, where the 84x84 image reached 87%), and from a model taught
+224x168 images (67% on them) 800 video steps still gave 26%; with the 84x84 scene pasted unscaled (28 px
+cells, one token per shape) into the black 224x168 image it starts to learn (41% after the same 1,000 steps).
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
