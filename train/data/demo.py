@@ -68,18 +68,10 @@ appear events). The video path itself is sound: a model taught 224x168 images (3
 them; the stage-3 model it started from 28%) scores 48% on the same scenes as static 5-frame videos. What made
 one question learnable is the slow/fast structure: on a black frame background the event's frame is a
 slow frame, and 200 video-only steps from stage 3 then reach 53% on video_time (33% with the same
-training on the grey background; 100 items each), while video_event stays at 29-32%. Why the event stays
-out of reach: a new question type takes the tiny model a long plateau even on images (the event question
-on an 84x84 image of its outcome, 3,000 items, lr 3e-4: loss at chance for ~300 steps of ~12 examples, then
-87% on 100 held-out after 1,000 steps), and nothing of the image skill carries to frames, because the random
-tower's features depend on the patch grid (the stage-3 model reads its image questions pasted unscaled into
-a black 224x168 frame at chance, 27.5%, against 89.9% as they are). On 3,000 event videos from stage 3,
-1,500 video-only steps at 1e-3 (~8,000 examples) and 1,200 at 3e-4 left the loss at chance (27% and 29% on
-100): at the frame size the question was not learnt at any budget tried, let alone within the demo's. The
-frame's 56 px cells are what stalls it, not the frames: on one 224x168 image of the outcome it stays at
-chance too (28% after 1,000 steps at 3e-4, where the 84x84 image reached 87%), and from a model taught
-224x168 images (67% on them) 800 video steps still gave 26%; with the 84x84 scene pasted unscaled (28 px
-cells, one token per shape) into the black 224x168 image it starts to learn (41% after the same 1,000 steps).
+training on the grey background; 100 items each), while video_event stays at 29-32%. What stalls the event question is the frame's
+56 px cells (the event question on one image of its outcome, 1,000 steps at 3e-4 from stage 3: 87% at 84x84,
+41% with that 84x84 scene pasted into a black 224x168 image, 28% drawn like a frame); on the videos
+themselves 1,500 steps at 1e-3 or 1,200 at 3e-4 left it at chance (27%, 29%).
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
