@@ -68,10 +68,10 @@ appear events). The video path itself is sound: a model taught 224x168 images (3
 them; the stage-3 model it started from 28%) scores 48% on the same scenes as static 5-frame videos. What made
 one question learnable is the slow/fast structure: on a black frame background the event's frame is a
 slow frame, and 200 video-only steps from stage 3 then reach 53% on video_time (33% with the same
-training on the grey background; 100 items each), while video_event stays at 29-32%. What stalls the event question is the frame's
-56 px cells (the event question on one image of its outcome, 1,000 steps at 3e-4 from stage 3: 87% at 84x84,
-41% with that 84x84 scene pasted into a black 224x168 image, 28% drawn like a frame); on the videos
-themselves 1,500 steps at 1e-3 or 1,200 at 3e-4 left it at chance (27%, 29%).
+training on the grey background; 100 items each), while video_event stays at 29-32%. What stalls the
+event question is the frame's 56 px cells (the event question on one image of its outcome, 1,000 steps at
+3e-4 from stage 3: 87% at 84x84, 41% with that 84x84 scene pasted into a black 224x168 image, 28% drawn
+like a frame); on the videos themselves 1,500 steps at 1e-3 or 1,200 at 3e-4 left it at chance (27%, 29%).
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
