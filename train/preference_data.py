@@ -42,7 +42,7 @@ from train.data.config import DataConfig
 from train.data.decode import Decoder, is_bad, token_ids
 from train.data.mixture import build_dataset
 from train.data.packing import BinPacker, build_row, example_size, stack_rows
-from train.data.pipeline import DataError, GlobalBatchIterator
+from train.data.pipeline import DataError, GlobalBatchIterator, iterate
 from train.data.records import MAGIC, RecordError, unpack_record
 from train.data.sources import open_source
 
@@ -283,17 +283,6 @@ def _sources(cfg: DataConfig, tokenizer, encode=None):
   return sources, decoders
 
 
-def _stream(ds, cfg: DataConfig):
-  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if cfg.workers else 2, prefetch_buffer_size=16))
-  if cfg.workers > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
-                                                             per_worker_buffer_size=cfg.worker_buffer_size))
-  return iter(stream)
-
-
 def _processes(process_index, process_count, batch_size):
   if process_index is None or process_count is None:
     import jax
@@ -311,7 +300,7 @@ def make_pair_iterator(cfg: DataConfig, tokenizer, reference: dict | None, mesh=
   pi, pc = _processes(process_index, process_count, cfg.batch_size)
   sources, decoders = _sources(cfg, tokenizer, encode)
   ds = build_dataset(cfg, sources, decoders, pi, pc)
-  it = PairBatchIterator(_stream(ds, cfg), ds, cfg, token_ids(tokenizer), cfg.batch_size // pc,
+  it = PairBatchIterator(iterate(ds, cfg.workers, cfg.worker_buffer_size), ds, cfg, token_ids(tokenizer), cfg.batch_size // pc,
                          [s.display_name for s in cfg.sources], reference=reference, process_count=pc)
   return it if mesh is None else GlobalBatchIterator(it, mesh)
 
@@ -339,6 +328,6 @@ def reference_pass_iterator(cfg: DataConfig, tokenizer, *, encode=None, process_
   i, i+n, ... of each source; batches carry `pair_keys`. Finite; numpy batches."""
   pi, pc = _processes(process_index, process_count, cfg.batch_size)
   sources, decoders = _sources(cfg, tokenizer, encode)
-  streams = [_stream(grain.MapDataset.source(s).map(d)[pi::pc], cfg) for s, d in zip(sources, decoders)]
+  streams = [iterate(grain.MapDataset.source(s).map(d)[pi::pc], cfg.workers, cfg.worker_buffer_size) for s, d in zip(sources, decoders)]
   return PairBatchIterator(_Chain(streams), None, cfg, token_ids(tokenizer), cfg.batch_size // pc,
                            [s.display_name for s in cfg.sources], with_keys=True, process_count=pc)

@@ -13,6 +13,7 @@ import grain
 
 from train.data.config import SourceConfig
 from train.data.decode import Decoder, is_bad
+from train.data.pipeline import iterate
 from train.data.sources import open_source
 
 
@@ -39,12 +40,7 @@ def check_source(source: SourceConfig | str, tokenizer=None, *, encode=None, vis
   src = open_source(source)
   tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
   ds = grain.MapDataset.source(src).map(Decoder(tokenizer, 0, encode=encode, vision_kwargs=vision))
-  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2))
-  if workers:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  stream = iterate(ds, workers)
   total, bad = 0, {}
   t0 = last = time.time()
   for item in stream:

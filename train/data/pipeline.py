@@ -224,12 +224,19 @@ def make_iterator(cfg: DataConfig, tokenizer, mesh=None, *, encode=None, process
     raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
   ds, names, ids = make_dataset(cfg, tokenizer, encode=encode, process_index=process_index,
                                 process_count=process_count)
-  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if cfg.workers else 2, prefetch_buffer_size=16))
-  if cfg.workers > 0:
+  it = PackedBatchIterator(iterate(ds, cfg.workers, cfg.worker_buffer_size), ds, cfg, ids,
+                           cfg.batch_size // process_count, names)
+  return it if mesh is None else GlobalBatchIterator(it, mesh)
+
+
+def iterate(ds: grain.MapDataset, workers: int, worker_buffer_size: int = 4):
+  """`ds` as a checkpointable iterator, its maps (decoding) run in `workers` processes (0: in this one).
+  Every stream of decoded examples goes through here: training, preference pairs, RL prompts, data check."""
+  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2, prefetch_buffer_size=16))
+  if workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # Grain reads absl flags; our entry points do not parse any
       flags.FLAGS.mark_as_parsed()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
-                                                             per_worker_buffer_size=cfg.worker_buffer_size))
-  it = PackedBatchIterator(iter(stream), ds, cfg, ids, cfg.batch_size // process_count, names)
-  return it if mesh is None else GlobalBatchIterator(it, mesh)
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                             per_worker_buffer_size=worker_buffer_size))
+  return iter(stream)

@@ -48,6 +48,7 @@ import numpy as np
 from train.data.config import DataConfig
 from train.data.decode import PATCH_DIM, _reason
 from train.data.mixture import build_dataset
+from train.data.pipeline import iterate
 from train.data.records import RecordError, materialize, unpack_record
 from train.data.sources import open_source
 
@@ -339,12 +340,5 @@ def make_prompt_stream(cfg: DataConfig, tokenizer, *, max_len: int, max_patches:
                             drop_ids=drop_ids, categories=categories, encode=encode) for i in range(len(sources))]
   ds = build_dataset(cfg, sources, decoders, process_index, process_count)
   everything = build_dataset(cfg, sources, decoders, 0, 1)  # the whole mixture, for moved prompts (lazy)
-  stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if cfg.workers else 2, prefetch_buffer_size=16))
-  if cfg.workers > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
-                                                             per_worker_buffer_size=cfg.worker_buffer_size))
-  return PromptStream(iter(stream), decoders, [s.display_name for s in cfg.sources], process_index, process_count,
+  return PromptStream(iterate(ds, cfg.workers, cfg.worker_buffer_size), decoders, [s.display_name for s in cfg.sources], process_index, process_count,
                       fetch=everything.__getitem__, allgather=allgather)
