@@ -72,6 +72,10 @@ training on the grey background; 100 items each), while video_event stays at 29-
 event question is the frame's 56 px cells (the event question on one image of its outcome, 1,000 steps at
 3e-4 from stage 3: 87% at 84x84, 41% with that 84x84 scene pasted into a black 224x168 image, 28% drawn
 like a frame); on the videos themselves 1,500 steps at 1e-3 or 1,200 at 3e-4 left it at chance (27%, 29%).
+The frozen tower keeps the answer (a ridge probe on a video's last frame: 79% for the new colour, against 59%
+on the 84x84 images the model learns to 87%): what does not happen in these budgets is the projector and
+language model learning to read 48-token frames (also at chance with the tower trained, with open answers,
+and with frame-drawn image questions mixed in; the README lists the figures).
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
