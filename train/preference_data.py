@@ -300,8 +300,9 @@ def make_pair_iterator(cfg: DataConfig, tokenizer, reference: dict | None, mesh=
   pi, pc = _processes(process_index, process_count, cfg.batch_size)
   sources, decoders = _sources(cfg, tokenizer, encode)
   ds = build_dataset(cfg, sources, decoders, pi, pc)
-  it = PairBatchIterator(iterate(ds, cfg.workers, cfg.worker_buffer_size), ds, cfg, token_ids(tokenizer), cfg.batch_size // pc,
-                         [s.display_name for s in cfg.sources], reference=reference, process_count=pc)
+  it = PairBatchIterator(iterate(ds, cfg.workers, cfg.worker_buffer_size), ds, cfg, token_ids(tokenizer),
+                         cfg.batch_size // pc, [s.display_name for s in cfg.sources], reference=reference,
+                         process_count=pc)
   return it if mesh is None else GlobalBatchIterator(it, mesh)
 
 
@@ -328,6 +329,7 @@ def reference_pass_iterator(cfg: DataConfig, tokenizer, *, encode=None, process_
   i, i+n, ... of each source; batches carry `pair_keys`. Finite; numpy batches."""
   pi, pc = _processes(process_index, process_count, cfg.batch_size)
   sources, decoders = _sources(cfg, tokenizer, encode)
-  streams = [iterate(grain.MapDataset.source(s).map(d)[pi::pc], cfg.workers, cfg.worker_buffer_size) for s, d in zip(sources, decoders)]
+  streams = [iterate(grain.MapDataset.source(s).map(d)[pi::pc], cfg.workers, cfg.worker_buffer_size)
+             for s, d in zip(sources, decoders)]
   return PairBatchIterator(_Chain(streams), None, cfg, token_ids(tokenizer), cfg.batch_size // pc,
                            [s.display_name for s in cfg.sources], with_keys=True, process_count=pc)

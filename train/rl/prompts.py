@@ -340,5 +340,6 @@ def make_prompt_stream(cfg: DataConfig, tokenizer, *, max_len: int, max_patches:
                             drop_ids=drop_ids, categories=categories, encode=encode) for i in range(len(sources))]
   ds = build_dataset(cfg, sources, decoders, process_index, process_count)
   everything = build_dataset(cfg, sources, decoders, 0, 1)  # the whole mixture, for moved prompts (lazy)
-  return PromptStream(iterate(ds, cfg.workers, cfg.worker_buffer_size), decoders, [s.display_name for s in cfg.sources], process_index, process_count,
+  return PromptStream(iterate(ds, cfg.workers, cfg.worker_buffer_size), decoders,
+                      [s.display_name for s in cfg.sources], process_index, process_count,
                       fetch=everything.__getitem__, allgather=allgather)
