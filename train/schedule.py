@@ -138,6 +138,10 @@ def ensure_demo_data(path: str) -> None:
     from train.data.demo import write_demo_dataset
     print(f"writing the demo dataset to {path} ...", file=sys.stderr, flush=True)
     write_demo_dataset(path)
+  elif not os.path.exists(os.path.join(path, "train_rl.jsonl")):  # written by an earlier version
+    from train.data.demo import write_rl_prompts
+    with open(os.path.join(path, "info.json")) as f:
+      write_rl_prompts(path, seed=json.load(f).get("seed", 0))
   if not os.path.exists(os.path.join(path, "tokenizer", "tokenizer.json")):
     from keye_jax.processing.tokenizer import build_demo_tokenizer
     build_demo_tokenizer(os.path.join(path, "tokenizer"))

@@ -163,6 +163,27 @@ def test_reasoning_records_carry_solution_and_hints(demo):
     assert r["messages"][1]["content"][0]["text"] == f"<think>\n{r['solution']}\n</think>\n\n{r['answer']}"
 
 
+def test_rl_prompts_are_fresh_reasoning_questions(demo, tmp_path):
+  """RL's prompts are reasoning records of their own: none shares an id, a medium or an image with the
+  questions SFT's traces are built from, and writing them again (as for a dataset written before them)
+  gives the same file."""
+  from train.data.demo import write_rl_prompts
+  root = demo["path"]
+  rl, sft = read(os.path.join(root, "train_rl.jsonl")), read(os.path.join(root, "train_reasoning.jsonl"))
+  assert len(rl) == json.load(open(os.path.join(root, "info.json")))["rl_prompts"] > 0
+  assert {r["category"] for r in rl} == {"reasoning"}
+  assert all(len(r["hints"]) == 5 and r["answer"].isdigit() for r in rl)
+
+  def media(r):
+    e = r["messages"][0]["content"][0]
+    with open(os.path.join(root, e[e["type"]]), "rb") as f:
+      return f.read()
+  assert not {r["id"] for r in rl} & {r["id"] for r in sft}
+  assert not {media(r) for r in rl} & {media(r) for r in sft}
+  assert write_rl_prompts(str(tmp_path), seed=0, n=len(rl)) == len(rl)
+  assert open(tmp_path / "train_rl.jsonl").read() == open(os.path.join(root, "train_rl.jsonl")).read()
+
+
 def test_reasoning_answers_are_the_counts_the_solutions_state():
   """Four shapes of a colour plus one more is five; every answer is the last number its solution states."""
   import random
