@@ -196,3 +196,23 @@ def test_reasoning_answers_are_the_counts_the_solutions_state():
     assert re.findall(r"\d+", solution)[-1] == number and answer.endswith(f"</think>\n\n{number}")
     answers.add(number)
   assert answers == {"4", "5"}, answers   # colour, shape, more (4 circles, 0 squares): 4; add one: 5
+
+
+def test_a_dataset_written_before_rl_prompts_gains_them(demo, tmp_path):
+  """The demo schedule adds train_rl.jsonl to a dataset written by an earlier version (the file comes from
+  its own random stream, so the rest of the dataset stays what it was) and leaves an existing one alone."""
+  import shutil
+  from train.data.demo import RL_PROMPTS, write_rl_prompts
+  from train.schedule import ensure_demo_data
+  root = tmp_path / "data"
+  shutil.copytree(demo["path"], root, ignore=shutil.ignore_patterns("tfds", "array_record", "media"))
+  (root / "tokenizer").mkdir()
+  (root / "tokenizer" / "tokenizer.json").write_text("{}")   # present: not rebuilt
+  os.remove(root / "train_rl.jsonl")
+  ensure_demo_data(str(root))
+  assert len(read(root / "train_rl.jsonl")) == RL_PROMPTS
+  assert write_rl_prompts(str(tmp_path / "again"), seed=0) == RL_PROMPTS
+  assert (root / "train_rl.jsonl").read_text() == (tmp_path / "again" / "train_rl.jsonl").read_text()
+  before = os.stat(root / "train_rl.jsonl").st_mtime_ns
+  ensure_demo_data(str(root))
+  assert os.stat(root / "train_rl.jsonl").st_mtime_ns == before
