@@ -486,9 +486,7 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
     kept = {"reasoning": 0, "instruction": 0}
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as manifest:
       for record, media in _records(split, counts, rng, media_dir, out_dir):
-        for rel, data in media.items():
-          with open(os.path.join(out_dir, rel), "wb") as f:
-            f.write(data)
+        _write_media(out_dir, media)
         line = json.dumps(record) + "\n"
         manifest.write(line)
         category = record["category"]
@@ -528,10 +526,16 @@ def write_rl_prompts(out_dir: str, seed: int = 0, n: int = RL_PROMPTS) -> int:
   rng = random.Random(f"rl-{seed}")
   media_dir = os.path.join(out_dir, "media", "rl")
   os.makedirs(media_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "train_rl.jsonl"), "w") as f:
+  path = os.path.join(out_dir, "train_rl.jsonl")
+  with open(path + ".tmp", "w") as f:   # renamed when complete: an interrupted write is redone next time
     for record, media in _records("rl", {"reasoning": n}, rng, media_dir, out_dir):
-      for rel, data in media.items():
-        with open(os.path.join(out_dir, rel), "wb") as m:
-          m.write(data)
+      _write_media(out_dir, media)
       f.write(json.dumps(record) + "\n")
+  os.replace(path + ".tmp", path)
   return n
+
+
+def _write_media(out_dir: str, media: dict[str, bytes]) -> None:
+  for rel, data in media.items():
+    with open(os.path.join(out_dir, rel), "wb") as f:
+      f.write(data)
