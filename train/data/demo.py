@@ -138,8 +138,7 @@ TRAIN_COUNTS = {"caption": 1500, "color": 1500, "shape": 1500, "count": 1500, "p
                 "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 800, "text": 500,
                 "instruction": 600}
 # RL's prompts are reasoning questions of their own: on the train_reasoning.jsonl questions, whose worked
-# traces SFT has just learnt, the demo's RL lowered reasoning (55.2% -> 53.2% on 600 fresh test questions);
-# on fresh questions it does not (55.0%).
+# traces SFT has just learnt, the demo's RL lowered reasoning; on fresh ones it does not (configs/demo/rl.yaml).
 RL_PROMPTS = 1000
 # long_video is trained on (stage 4) but not scored: 20-32 frames each would dominate every evaluation.
 TEST_COUNTS = {"color": 40, "shape": 40, "count": 40, "position": 40, "video_event": 20, "video_time": 20,
