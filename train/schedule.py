@@ -141,7 +141,10 @@ def ensure_demo_data(path: str) -> None:
   elif not os.path.exists(os.path.join(path, "train_rl.jsonl")):  # written by an earlier version
     from train.data.demo import write_rl_prompts
     with open(os.path.join(path, "info.json")) as f:
-      write_rl_prompts(path, seed=json.load(f).get("seed", 0))
+      info = json.load(f)
+    info["rl_prompts"] = write_rl_prompts(path, seed=info.get("seed", 0))
+    with open(os.path.join(path, "info.json"), "w") as f:  # so info.json counts the new file too
+      json.dump(info, f, indent=1)
   if not os.path.exists(os.path.join(path, "tokenizer", "tokenizer.json")):
     from keye_jax.processing.tokenizer import build_demo_tokenizer
     build_demo_tokenizer(os.path.join(path, "tokenizer"))

@@ -209,8 +209,12 @@ def test_a_dataset_written_before_rl_prompts_gains_them(demo, tmp_path):
   (root / "tokenizer").mkdir()
   (root / "tokenizer" / "tokenizer.json").write_text("{}")   # present: not rebuilt
   os.remove(root / "train_rl.jsonl")
+  info = json.loads((root / "info.json").read_text())
+  del info["rl_prompts"]
+  (root / "info.json").write_text(json.dumps(info))
   ensure_demo_data(str(root))
   assert len(read(root / "train_rl.jsonl")) == RL_PROMPTS
+  assert json.loads((root / "info.json").read_text()) == {**info, "rl_prompts": RL_PROMPTS}
   assert write_rl_prompts(str(tmp_path / "again"), seed=0) == RL_PROMPTS
   assert (root / "train_rl.jsonl").read_text() == (tmp_path / "again" / "train_rl.jsonl").read_text()
   before = os.stat(root / "train_rl.jsonl").st_mtime_ns
