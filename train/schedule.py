@@ -143,8 +143,9 @@ def ensure_demo_data(path: str) -> None:
     with open(os.path.join(path, "info.json")) as f:
       info = json.load(f)
     info["rl_prompts"] = write_rl_prompts(path, seed=info.get("seed", 0))
-    with open(os.path.join(path, "info.json"), "w") as f:  # so info.json counts the new file too
+    with open(os.path.join(path, "info.json.tmp"), "w") as f:  # so info.json counts the new file too
       json.dump(info, f, indent=1)
+    os.replace(os.path.join(path, "info.json.tmp"), os.path.join(path, "info.json"))
   if not os.path.exists(os.path.join(path, "tokenizer", "tokenizer.json")):
     from keye_jax.processing.tokenizer import build_demo_tokenizer
     build_demo_tokenizer(os.path.join(path, "tokenizer"))
