@@ -115,3 +115,20 @@ def test_the_end_of_the_data_stops_every_process_at_the_same_step(data):
       for f in futures:
         with pytest.raises(StopIteration):
           f.result(timeout=60)
+
+
+def test_prompts_that_do_not_fit_are_counted_and_named_once(data, caplog):
+  """A prompt over rl.max_prompt_len is left out, not an error: counted per reason (the loop writes the
+  counts to metrics.jsonl as prompts_skipped/too_long), and the first one is named in one warning."""
+  import dataclasses
+  import logging
+  cfg = dataclasses.replace(data, num_epochs=1)
+  (stream,) = _streams(cfg, 1)
+  with caplog.at_level(logging.WARNING, logger="train.rl"):
+    _steps([stream], 7)
+    with pytest.raises(StopIteration):  # reads to the end: every long record seen
+      stream.take(K)
+  assert stream.stats()["skipped"] == {"prompt too long": len(LONG)}
+  told = [r.getMessage() for r in caplog.records if "skipping prompts" in r.getMessage()]
+  assert len(told) == 1, told
+  assert "rl.max_prompt_len" in told[0] and "prompts.jsonl:" in told[0] and "> 50" in told[0], told[0]

@@ -19,7 +19,7 @@ from tests.train.helpers import REPO, env
 
 METRICS = ("loss", "grad_norm", "reward_mean", "reward_std", "pass_rate", "no_signal_share", "clip_fraction",
            "response_length", "entropy", "rollout_tokens_per_second", "rollout_share", "hinted_groups",
-           "rollout_seconds", "reward_seconds", "update_seconds")
+           "rollout_seconds", "reward_seconds", "update_seconds", "prompts_skipped/too_long", "prompts_bad")
 
 
 @pytest.fixture(scope="module")

@@ -238,9 +238,13 @@ class RLRun:
     sums_here = [all_r.sum(), np.square(all_r).sum(), len(all_r), sum(c.sum() for c in corrects), len(prompts),
                  no_signal, lengths.sum(), -old_lp.sum(), len(old_lp), hinted, self.rollouts.tokens - tok0,
                  self.rollouts.seconds - sec0]
-    tot = _allsum(np.asarray(sums_here + part_sums, np.float64))  # one collective for all of them
+    from train.rl.prompts import SKIPS
+    stream = self.stream.stats()  # prompts left out so far (cumulative), this process's
+    skips = [stream["skipped"].get(reason, 0) for reason in SKIPS] + [sum(stream["bad"].values())]
+    a, b = len(sums_here), len(sums_here) + len(skips)
+    tot = _allsum(np.asarray(sums_here + skips + part_sums, np.float64))  # one collective for all of them
     (r_sum, r_sq, n_resp, n_correct, n_groups, n_flat, len_sum, nlp_sum, n_tok, n_hinted, gen_tokens,
-     gen_seconds), part_tot = tot[:len(sums_here)], tot[len(sums_here):]
+     gen_seconds), skip_tot, part_tot = tot[:a], tot[a:b], tot[b:]
     n_proc = jax.process_count()
     step_seconds = time.perf_counter() - t0
     mean = r_sum / max(n_resp, 1)
@@ -259,6 +263,8 @@ class RLRun:
            "skipped_steps": int(_host(self.state["skipped"])), "skipped_updates": skipped,
            "optimizer_steps": int(_host(self.state["step"]))}
     rec.update({f"reward/{name}": float(v) / max(n_resp, 1) for name, v in zip(names, part_tot)})
+    rec.update({f"prompts_skipped/{SKIPS[reason][0]}": int(v) for reason, v in zip(SKIPS, skip_tot)})
+    rec["prompts_bad"] = int(skip_tot[-1])
     if "kl_sum" in sums:
       rec["kl"] = sums["kl_sum"] / max(sums["responses"], 1)
     if self.records.reward_before is None:

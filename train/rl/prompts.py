@@ -126,9 +126,9 @@ class PromptDecoder:
       return {"_skip": "category not selected"}
     p = self.encode(raw, None)
     if len(p["input_ids"]) > self.max_len:
-      return {"_skip": "prompt too long"}
+      return {"_skip": "prompt too long", "_detail": f"{len(p['input_ids'])} tokens > {self.max_len}"}
     if p["pixel_values"] is not None and len(p["pixel_values"]) > self.max_patches:
-      return {"_skip": "too many patches"}
+      return {"_skip": "too many patches", "_detail": f"{len(p['pixel_values'])} patches > {self.max_patches}"}
     p["meta"] = meta
     p["raw"] = {"data": bytes(raw["data"]), "base_dir": raw.get("base_dir", ""), "where": raw.get("where", "?")}
     return p
@@ -185,6 +185,14 @@ def split_record(record: dict, where: str) -> tuple[list[dict], dict]:
 
 
 MAX_SKIPPED_IN_A_ROW = 10000
+# Why a prompt is left out (filters, not errors): the metric it is counted under (metrics.jsonl
+# `prompts_skipped/<name>`, cumulative) and the config field that decides it. The last two mean the prompt
+# does not fit the run's limits, which a user would want to hear about: logged once per reason.
+SKIPS = {"pass rate not in (0, 1)": ("pass_rate", "rl.pass_rates_from"),
+         "category not selected": ("category", "rl.categories"),
+         "prompt too long": ("too_long", "rl.max_prompt_len"),
+         "too many patches": ("too_many_patches", "rl.max_prompt_patches")}
+_TOLD = ("prompt too long", "too many patches")
 VALID, SKIPPED, ENDED, UNREAD = 1, 0, -1, -2  # an element's flag in a selection round
 
 
@@ -287,7 +295,12 @@ class PromptStream(grain.DatasetIterator):
       log.warning("skipping bad prompt %s: %s", item.get("_where"), item.get("_error"))
       return False
     if "_skip" in item:
-      self._stats["skipped"][item["_skip"]] = self._stats["skipped"].get(item["_skip"], 0) + 1
+      reason = item["_skip"]
+      self._stats["skipped"][reason] = self._stats["skipped"].get(reason, 0) + 1
+      if reason in _TOLD and self._stats["skipped"][reason] == 1:
+        name, field = SKIPS[reason]
+        log.warning("skipping prompts that exceed %s (first: %s, %s); every one is counted in metrics.jsonl as "
+                    "prompts_skipped/%s", field, item.get("_where"), item.get("_detail"), name)
       return False
     # Element i of this process's shard is element i * n + j of the global mixture (mixture.py).
     key = int(item["_index"]) * self.process_count + self.process_index
