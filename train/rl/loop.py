@@ -16,8 +16,9 @@ One RL step (a rollout batch), in every process for its own prompts:
               rollout's tower features instead of pixel_values, and the update and reference passes run
               only the projector (which may train) on them, never the tower. A trainable tower is re-run
               in the update (its gradients) and in the reference pass (the reference's weights differ).
-Then metrics (metrics.jsonl, TensorBoard; with the prompts left out so far per reason), a checkpoint every checkpoint.every RL steps (the train
-state, plus per process the prompt iterator with the pass-rate and hint records), SIGTERM -> save + exit.
+Then metrics (metrics.jsonl, TensorBoard; with the prompts left out so far, per reason), a checkpoint
+every checkpoint.every RL steps (the train state, plus per process the prompt iterator with the pass-rate
+and hint records), SIGTERM -> save + exit.
 
 Determinism: a prompt's sampling seed comes from the run seed and the prompt's element in the global
 mixture (and the hint level), so a resumed run samples exactly what the uninterrupted one did, and the
