@@ -45,6 +45,7 @@ from train.metrics import MetricsWriter, read_metrics
 from train.model_state import ModelShape
 from train.rl import hinting
 from train.rl.hinting import prompt_hints
+from train.rl.prompts import SKIPS
 from train.rl.advantages import group_advantages
 from train.rl.batch import Response, pack_responses, reused_vision_dim
 from train.rl.config import RLRunConfig, load_rl_config
@@ -239,7 +240,6 @@ class RLRun:
     sums_here = [all_r.sum(), np.square(all_r).sum(), len(all_r), sum(c.sum() for c in corrects), len(prompts),
                  no_signal, lengths.sum(), -old_lp.sum(), len(old_lp), hinted, self.rollouts.tokens - tok0,
                  self.rollouts.seconds - sec0]
-    from train.rl.prompts import SKIPS
     stream = self.stream.stats()  # prompts left out so far (cumulative), this process's
     skips = [stream["skipped"].get(reason, 0) for reason in SKIPS] + [sum(stream["bad"].values())]
     a, b = len(sums_here), len(sums_here) + len(skips)
