@@ -153,8 +153,8 @@ def _eval(args) -> int:
     return checkpoint_io.load_model(ref, args.override)[1], load_tokenizer(checkpoint_io.tokenizer_dir(ref))
 
   _emit(run_eval(None, None, args.benchmark, args.data, args.out, batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge_cmd=args.judge_cmd,
-                 judge=judge, judge_name=judge_name, limit=args.limit, checkpoint=identity(ref),
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                 judge_cmd=args.judge_cmd, judge=judge, judge_name=judge_name, limit=args.limit, checkpoint=identity(ref),
                  overwrite=args.overwrite, load_model=load))
   return 0
 
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--batch-size", type=int, default=8)
   e.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's own")
   e.add_argument("--temperature", type=float, default=0.0)
+  e.add_argument("--seed", type=int, default=0,
+                 help="sampling seed (with --temperature > 0); other seeds give other samples, for pass@k")
   e.add_argument("--judge-cmd", default=None, metavar="CMD",
                  help="judge for MIA-Bench: a shell command reading the grading prompt on stdin (image paths "
                       "in $KEYE_JUDGE_IMAGES), replying on stdout")

@@ -159,13 +159,16 @@ def _eta(seconds: float) -> str:
 
 
 def run_eval(model, tokenizer, benchmark: str, data_path: str, out_dir: str, *, batch_size: int = 8,
-             max_new_tokens: int | None = None, temperature: float = 0.0, judge_cmd: str | None = None,
+             max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
+             judge_cmd: str | None = None,
              judge=None, judge_name: str | None = None, limit: int | None = None, sampler=None, encode=None,
              mesh=None, thinking: bool | None = None, vision_kwargs: dict | None = None,
              checkpoint: str | None = None, overwrite: bool = False, load_model=None, log=sys.stderr) -> dict:
   """Scores `model` on a benchmark; returns {"benchmark", "accuracy", "n"} (the rest is in results.json).
   `checkpoint` identifies the model (`checkpoint_identity(path)`); predictions already in `out_dir` are
   reused only when they were made by the same checkpoint and settings. `limit` scores the first N items.
+  `seed` seeds sampling (temperature > 0): item i's sample is the same for a seed, so runs with different
+  seeds give the independent samples of pass@k or a mean over k.
   `judge(prompt, image_paths) -> reply` (or `judge_cmd`, a shell command) grades judge benchmarks.
   `encode(messages) -> Prompt` and `sampler` default to the processing chat template and the rollout
   engine over `mesh` with `batch_size` slots; tests pass their own. `load_model() -> (model, tokenizer)`
@@ -188,6 +191,8 @@ def run_eval(model, tokenizer, benchmark: str, data_path: str, out_dir: str, *, 
   key = {"benchmark": mod.NAME, "data": os.path.abspath(data_path), "checkpoint": checkpoint,
          "max_new_tokens": max_new_tokens, "temperature": temperature, "thinking": thinking,
          "vision_kwargs": vision_kwargs or {}, "judge": (judge_name or "judge") if judge is not None else None}
+  if seed and temperature > 0:  # greedy ignores it; seed 0 keeps the keys predictions had before seeds
+    key["seed"] = seed
   created = not os.path.isdir(out_dir)
   try:
     return _run(mod, model, tokenizer, data_path, out_dir, key, batch_size=batch_size, limit=limit,
@@ -239,7 +244,8 @@ def _run(mod, model, tokenizer, data_path, out_dir, key, *, batch_size, limit, s
   sampler = sampler or (_EngineSampler(model, tokenizer, batch_size, mesh) if todo else None)
   encode = encode or (lambda messages: encode_messages(messages, tokenizer, thinking=thinking, **vision_kwargs))
   score_fn = getattr(mod, "score", scoring.score)
-  params = SamplingParams(max_new_tokens=key["max_new_tokens"], temperature=key["temperature"])
+  params = SamplingParams(max_new_tokens=key["max_new_tokens"], temperature=key["temperature"],
+                          seed=key.get("seed", 0))
 
   t0, finished = time.time(), 0
   with open(pred_path, "a") as out:

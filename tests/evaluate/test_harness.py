@@ -161,3 +161,30 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path):
     assert message in done.stderr, (args, done.stderr)
     assert done.stderr.strip().count("\n") == 0, done.stderr  # one line
     assert not (tmp_path / args[args.index("--out") + 1]).exists()
+
+
+def test_the_sampling_seed_reaches_the_sampler_and_keys_the_predictions(tmp_path):
+  """--seed: sampled evals with other seeds are other runs (pass@k over seeds); greedy ignores it, and
+  seed 0 keeps the run key that predictions had before the flag existed."""
+  data = tmp_path / "test.jsonl"
+  _demo_file(data)
+  seen = []
+
+  class Recording(Fixed):
+    def generate(self, prompts, params):
+      seen.append(params.seed)
+      return super().generate(prompts, params)
+
+  def run(out, **kw):
+    return run_eval(None, None, "demo", str(data), str(tmp_path / out), sampler=Recording("B"), encode=lambda m: m,
+                    batch_size=6, checkpoint="c", **kw)
+
+  run("s3", temperature=1.0, seed=3)
+  assert seen == [3]
+  with pytest.raises(ValueError, match="seed"):
+    run("s3", temperature=1.0, seed=4)
+  run("greedy", seed=5)
+  run("greedy")                                   # greedy: the seed is not part of the run
+  assert seen == [3, 0]
+  key = json.loads((tmp_path / "greedy" / "run.json").read_text())["key"]
+  assert "seed" not in key
