@@ -154,8 +154,8 @@ def _eval(args) -> int:
 
   _emit(run_eval(None, None, args.benchmark, args.data, args.out, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                 judge_cmd=args.judge_cmd, judge=judge, judge_name=judge_name, limit=args.limit, checkpoint=identity(ref),
-                 overwrite=args.overwrite, load_model=load))
+                 judge_cmd=args.judge_cmd, judge=judge, judge_name=judge_name, limit=args.limit,
+                 checkpoint=identity(ref), overwrite=args.overwrite, load_model=load))
   return 0
 
 
