@@ -161,8 +161,7 @@ def _eta(seconds: float) -> str:
 def run_eval(model, tokenizer, benchmark: str, data_path: str, out_dir: str, *, batch_size: int = 8,
              max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
              judge_cmd: str | None = None, judge=None, judge_name: str | None = None, limit: int | None = None,
-             sampler=None, encode=None,
-             mesh=None, thinking: bool | None = None, vision_kwargs: dict | None = None,
+             sampler=None, encode=None, mesh=None, thinking: bool | None = None, vision_kwargs: dict | None = None,
              checkpoint: str | None = None, overwrite: bool = False, load_model=None, log=sys.stderr) -> dict:
   """Scores `model` on a benchmark; returns {"benchmark", "accuracy", "n"} (the rest is in results.json).
   `checkpoint` identifies the model (`checkpoint_identity(path)`); predictions already in `out_dir` are
