@@ -240,8 +240,8 @@ class RLRun:
     sums_here = [all_r.sum(), np.square(all_r).sum(), len(all_r), sum(c.sum() for c in corrects), len(prompts),
                  no_signal, lengths.sum(), -old_lp.sum(), len(old_lp), hinted, self.rollouts.tokens - tok0,
                  self.rollouts.seconds - sec0]
-    stream = self.stream.stats()  # prompts left out so far (cumulative), this process's
-    skips = [stream["skipped"].get(reason, 0) for reason in SKIPS] + [sum(stream["bad"].values())]
+    seen = self.stream.stats()  # prompts left out so far (cumulative), this process's
+    skips = [seen["skipped"].get(reason, 0) for reason in SKIPS] + [sum(seen["bad"].values())]
     a, b = len(sums_here), len(sums_here) + len(skips)
     tot = _allsum(np.asarray(sums_here + skips + part_sums, np.float64))  # one collective for all of them
     (r_sum, r_sq, n_resp, n_correct, n_groups, n_flat, len_sum, nlp_sum, n_tok, n_hinted, gen_tokens,
