@@ -92,6 +92,16 @@ def with_hint(messages: list[dict], hint: str) -> list[dict]:
   return messages
 
 
+# Why a prompt is left out (filters, not errors): the metric it is counted under (metrics.jsonl
+# `prompts_skipped/<name>`, cumulative) and the config field that decides it. The last two mean the prompt
+# does not fit the run's limits, which a user would want to hear about: logged once per reason.
+PASS_RATE, CATEGORY, TOO_LONG, TOO_MANY_PATCHES = (
+    "pass rate not in (0, 1)", "category not selected", "prompt too long", "too many patches")
+SKIPS = {PASS_RATE: ("pass_rate", "rl.pass_rates_from"), CATEGORY: ("category", "rl.categories"),
+         TOO_LONG: ("too_long", "rl.max_prompt_len"), TOO_MANY_PATCHES: ("too_many_patches", "rl.max_prompt_patches")}
+_TOLD = (TOO_LONG, TOO_MANY_PATCHES)
+
+
 class PromptDecoder:
   """Picklable: raw source item -> prompt dict, or {"_bad": reason, ...} / {"_skip": reason}."""
 
@@ -121,14 +131,14 @@ class PromptDecoder:
     messages, meta = split_record(record, raw.get("where", "?"))
     if (self.keep_ids is not None and meta["id"] not in self.keep_ids) or (
         self.drop_ids is not None and meta["id"] in self.drop_ids):
-      return {"_skip": "pass rate not in (0, 1)"}
+      return {"_skip": PASS_RATE}
     if self.categories and meta["category"] not in self.categories:
-      return {"_skip": "category not selected"}
+      return {"_skip": CATEGORY}
     p = self.encode(raw, None)
     if len(p["input_ids"]) > self.max_len:
-      return {"_skip": "prompt too long", "_detail": f"{len(p['input_ids'])} tokens > {self.max_len}"}
+      return {"_skip": TOO_LONG, "_detail": f"{len(p['input_ids'])} tokens > {self.max_len}"}
     if p["pixel_values"] is not None and len(p["pixel_values"]) > self.max_patches:
-      return {"_skip": "too many patches", "_detail": f"{len(p['pixel_values'])} patches > {self.max_patches}"}
+      return {"_skip": TOO_MANY_PATCHES, "_detail": f"{len(p['pixel_values'])} patches > {self.max_patches}"}
     p["meta"] = meta
     p["raw"] = {"data": bytes(raw["data"]), "base_dir": raw.get("base_dir", ""), "where": raw.get("where", "?")}
     return p
@@ -185,14 +195,6 @@ def split_record(record: dict, where: str) -> tuple[list[dict], dict]:
 
 
 MAX_SKIPPED_IN_A_ROW = 10000
-# Why a prompt is left out (filters, not errors): the metric it is counted under (metrics.jsonl
-# `prompts_skipped/<name>`, cumulative) and the config field that decides it. The last two mean the prompt
-# does not fit the run's limits, which a user would want to hear about: logged once per reason.
-SKIPS = {"pass rate not in (0, 1)": ("pass_rate", "rl.pass_rates_from"),
-         "category not selected": ("category", "rl.categories"),
-         "prompt too long": ("too_long", "rl.max_prompt_len"),
-         "too many patches": ("too_many_patches", "rl.max_prompt_patches")}
-_TOLD = ("prompt too long", "too many patches")
 VALID, SKIPPED, ENDED, UNREAD = 1, 0, -1, -2  # an element's flag in a selection round
 
 
