@@ -55,9 +55,9 @@ def test_hf_config_round_trip():
 def test_overrides_valid_only_together_are_checked_once_after_the_last():
   """More prompts per RL step need more rows: each override alone fails the config's checks, both pass."""
   from train.rl.config import load_rl_config
-  cfg = load_rl_config("configs/demo/rl.yaml", ["rl.prompts_per_step=32", "data.batch_size=64"])
-  assert (cfg.rl.prompts_per_step, cfg.data.batch_size) == (32, 64)
-  with pytest.raises(c.ConfigError, match="data.batch_size=32 rows cannot hold"):
-    load_rl_config("configs/demo/rl.yaml", ["rl.prompts_per_step=32"])
+  cfg = load_rl_config("configs/demo/rl.yaml", ["rl.prompts_per_step=64", "data.batch_size=128"])
+  assert (cfg.rl.prompts_per_step, cfg.data.batch_size) == (64, 128)
+  with pytest.raises(c.ConfigError, match="data.batch_size=64 rows cannot hold"):
+    load_rl_config("configs/demo/rl.yaml", ["rl.prompts_per_step=64"])
   with pytest.raises(ValueError, match="variant"):
     load_rl_config("configs/demo/rl.yaml", ["rl.variant=nope"])    # nested checks still run

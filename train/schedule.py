@@ -133,19 +133,22 @@ def stage_configs(stage_paths, run_dir: str, init_from: str, overrides) -> list:
 
 
 def ensure_demo_data(path: str) -> None:
-  """The demo dataset and the demo tokenizer (in PATH/tokenizer), each written when missing."""
-  if not os.path.exists(os.path.join(path, "info.json")):
+  """The demo dataset and the demo tokenizer (in PATH/tokenizer), each written when missing. A dataset
+  written by an earlier version of the demo (another `version` in info.json) is an error: the demo's run
+  dirs beside it were trained on it, so both are removed, not mixed with the new questions."""
+  from train.data.demo import DATA_VERSION
+  info_path = os.path.join(path, "info.json")
+  if not os.path.exists(info_path):
     from train.data.demo import write_demo_dataset
     print(f"writing the demo dataset to {path} ...", file=sys.stderr, flush=True)
     write_demo_dataset(path)
-  elif not os.path.exists(os.path.join(path, "train_rl.jsonl")):  # written by an earlier version
-    from train.data.demo import write_rl_prompts
-    with open(os.path.join(path, "info.json")) as f:
-      info = json.load(f)
-    info["rl_prompts"] = write_rl_prompts(path, seed=info.get("seed", 0))
-    with open(os.path.join(path, "info.json.tmp"), "w") as f:  # so info.json counts the new file too
-      json.dump(info, f, indent=1)
-    os.replace(os.path.join(path, "info.json.tmp"), os.path.join(path, "info.json"))
+  else:
+    with open(info_path) as f:
+      version = json.load(f).get("version", 1)
+    if version != DATA_VERSION:
+      raise ConfigError(f"{path}: written by an earlier version of the demo (dataset version {version}, this "
+                        f"one writes {DATA_VERSION}); remove it and the run dirs trained on it (e.g. rm -rf "
+                        f"{os.path.dirname(path.rstrip(os.sep))}), then run the demo again")
   if not os.path.exists(os.path.join(path, "tokenizer", "tokenizer.json")):
     from keye_jax.processing.tokenizer import build_demo_tokenizer
     build_demo_tokenizer(os.path.join(path, "tokenizer"))

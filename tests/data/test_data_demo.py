@@ -164,8 +164,8 @@ def test_reasoning_records_carry_solution_and_hints(demo):
 
 
 def test_rl_prompts_are_fresh_reasoning_questions(demo, tmp_path):
-  """RL's prompts are reasoning records of their own: none shares an id, a medium or an image with the
-  questions SFT's traces are built from, and writing them again (as for a dataset written before them)
+  """RL's prompts are reasoning records of their own: none shares an id with the questions SFT's traces
+  are built from, nor an image beyond the few small scenes that any two draws share, and writing them again (as for a dataset written before them)
   gives the same file."""
   from train.data.demo import write_rl_prompts
   root = demo["path"]
@@ -179,44 +179,41 @@ def test_rl_prompts_are_fresh_reasoning_questions(demo, tmp_path):
     with open(os.path.join(root, e[e["type"]]), "rb") as f:
       return f.read()
   assert not {r["id"] for r in rl} & {r["id"] for r in sft}
-  assert not {media(r) for r in rl} & {media(r) for r in sft}
+  shared = {media(r) for r in rl} & {media(r) for r in sft}
+  # Only small scenes repeat (a one-shape image is one of 162): every larger scene is drawn afresh.
+  assert all(int(r["answer"]) <= 2 for r in rl if media(r) in shared)
   assert write_rl_prompts(str(tmp_path), seed=0, n=len(rl)) == len(rl)
   assert open(tmp_path / "train_rl.jsonl").read() == open(os.path.join(root, "train_rl.jsonl")).read()
 
 
 def test_reasoning_answers_are_the_counts_the_solutions_state():
-  """Four shapes of a colour plus one more is five; every answer is the last number its solution states."""
+  """The worked solution lists every shape, then states the count, which is the answer."""
   import random
   from train.data.demo import _Builder
   b = _Builder(random.Random(0))
-  objs = [("red", "circle", c) for c in range(4)]
-  answers = set()
   for _ in range(40):
-    question, answer, number, solution, hints = b._reasoning(objs)
-    assert re.findall(r"\d+", solution)[-1] == number and answer.endswith(f"</think>\n\n{number}")
-    answers.add(number)
-  assert answers == {"4", "5"}, answers   # colour, shape, more (4 circles, 0 squares): 4; add one: 5
+    image, question, answer, number, solution, hints = b.reasoning_record()
+    listed = len(re.findall(r"\ba (?:\w+) (?:circle|square|triangle)\b", solution))
+    assert re.findall(r"\d+", solution)[-1] == number == str(listed), solution
+    assert answer.endswith(f"</think>\n\n{number}") and hints[-1] == solution
+    assert image.size == (224, 168) and question.startswith("How many shapes are there?")
 
 
-def test_a_dataset_written_before_rl_prompts_gains_them(demo, tmp_path):
-  """The demo schedule adds train_rl.jsonl to a dataset written by an earlier version (the file comes from
-  its own random stream, so the rest of the dataset stays what it was) and leaves an existing one alone."""
+def test_a_dataset_written_by_an_earlier_version_is_refused_by_the_demo(demo, tmp_path):
+  """The demo schedule writes its dataset when missing, leaves a current one alone, and refuses one written
+  by an earlier version of the demo (its questions differ) with one line naming the dir."""
   import shutil
-  from train.data.demo import RL_PROMPTS, write_rl_prompts
+  from keye_jax.config import ConfigError
   from train.schedule import ensure_demo_data
   root = tmp_path / "data"
   shutil.copytree(demo["path"], root, ignore=shutil.ignore_patterns("tfds", "array_record", "media"))
   (root / "tokenizer").mkdir()
   (root / "tokenizer" / "tokenizer.json").write_text("{}")   # present: not rebuilt
-  os.remove(root / "train_rl.jsonl")
-  info = json.loads((root / "info.json").read_text())
-  del info["rl_prompts"]
+  before = (root / "info.json").read_text()
+  ensure_demo_data(str(root))
+  assert (root / "info.json").read_text() == before
+  info = json.loads(before)
+  del info["version"]   # as written before versions
   (root / "info.json").write_text(json.dumps(info))
-  ensure_demo_data(str(root))
-  assert len(read(root / "train_rl.jsonl")) == RL_PROMPTS
-  assert json.loads((root / "info.json").read_text()) == {**info, "rl_prompts": RL_PROMPTS}
-  assert write_rl_prompts(str(tmp_path / "again"), seed=0) == RL_PROMPTS
-  assert (root / "train_rl.jsonl").read_text() == (tmp_path / "again" / "train_rl.jsonl").read_text()
-  before = os.stat(root / "train_rl.jsonl").st_mtime_ns
-  ensure_demo_data(str(root))
-  assert os.stat(root / "train_rl.jsonl").st_mtime_ns == before
+  with pytest.raises(ConfigError, match=f"{root}: written by an earlier version of the demo"):
+    ensure_demo_data(str(root))

@@ -32,12 +32,12 @@ def test_gspo_raises_a_reward_the_policy_can_sample(tmp_path, monkeypatch):
   build_demo_tokenizer(str(tmp_path / "data" / "tokenizer"))
   cfg = {"model": os.path.join(REPO, "configs", "model", "tiny.yaml"), "tokenizer": str(tmp_path / "data" / "tokenizer"),
          "data": {"sources": [{"path": str(tmp_path / "data" / "train_reasoning.jsonl")}], "seq_len": 256,
-                  "num_patches": 128, "batch_size": 16, "seed": 1},
+                  "num_patches": 384, "batch_size": 16, "seed": 1},
          "optimizer": {"trainable": ["projector", "language"], "learning_rate": 3e-3, "schedule": "constant",
                        "warmup_steps": 0},
          "loss_chunk": 128, "steps": 20, "checkpoint": {"every": 100, "keep": 1}, "run_dir": str(tmp_path / "run"),
          "rl": {"prompts_per_step": 8, "group_size": 4, "minibatches": 1, "max_new_tokens": 8, "max_prompt_len": 120,
-                "max_prompt_patches": 64, "rewards": [{"name": "test_contains_y"}], "hints": {"enabled": False},
+                "max_prompt_patches": 192, "rewards": [{"name": "test_contains_y"}], "hints": {"enabled": False},
                 "slots": 32}}
   with open(tmp_path / "rl.yaml", "w") as f:
     yaml.safe_dump(cfg, f)

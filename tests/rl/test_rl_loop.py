@@ -35,11 +35,11 @@ def demo(tmp_path_factory):
 def _config(root, run_dir, **rl):
   cfg = {"model": os.path.join(REPO, "configs", "model", "tiny.yaml"), "tokenizer": str(root / "data" / "tokenizer"),
          "data": {"sources": [{"path": str(root / "data" / "train_reasoning.jsonl")}], "seq_len": 256,
-                  "num_patches": 128, "batch_size": 4, "seed": 1},
+                  "num_patches": 384, "batch_size": 4, "seed": 1},
          "optimizer": {"trainable": ["projector", "language"], "learning_rate": 1e-4, "schedule": "constant"},
          "loss_chunk": 128, "steps": 2, "checkpoint": {"every": 1, "keep": 3}, "run_dir": str(run_dir),
          "rl": {"prompts_per_step": 2, "group_size": 2, "minibatches": 2, "max_new_tokens": 8,
-                "max_prompt_len": 120, "max_prompt_patches": 64, **rl}}
+                "max_prompt_len": 120, "max_prompt_patches": 192, **rl}}
   path = str(run_dir) + ".yaml"
   with open(path, "w") as f:
     yaml.safe_dump(cfg, f)

@@ -48,13 +48,13 @@ def _rl_process(root, run_dir, *overrides, devices, dataset="images"):
   import yaml
   cfg = {"model": os.path.join(REPO, "configs", "model", "tiny.yaml"), "tokenizer": str(root / "data" / "tokenizer"),
          "data": {"sources": [{"path": str(root / "data" / f"{dataset}.jsonl")}], "seq_len": 128,
-                  "num_patches": 64, "batch_size": 8, "seed": 1},
+                  "num_patches": 384, "batch_size": 8, "seed": 1},
          "mesh": {"fsdp": -1}, "steps": STEPS, "seed": 3, "loss_chunk": 128, "run_dir": str(run_dir),
          "checkpoint": {"every": STEPS, "keep": 1},
          "optimizer": {"trainable": ["projector", "language"], "learning_rate": 1e-3, "schedule": "constant"},
          # A reward every response gets a different value of (minus its length), so every group has a signal.
          "rl": {"prompts_per_step": 2, "group_size": 2, "minibatches": 2, "max_new_tokens": 8, "slots": 8,
-                "max_prompt_len": 120, "max_prompt_patches": 64, "hints": {"enabled": False},
+                "max_prompt_len": 120, "max_prompt_patches": 192, "hints": {"enabled": False},
                 "rewards": [{"name": "answer"}, {"name": "length_penalty", "max_length": 60, "buffer": 60,
                                                  "unit": "chars"}]}}
   path = str(run_dir) + ".yaml"
