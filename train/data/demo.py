@@ -30,8 +30,8 @@ Content (an image: 84x84 px = 6x6 patches = 9 LLM tokens, cells of a 3x3 grid ar
   long_video       20-32 frames (10-16 s), one event; when? (the long-context stage)
   reasoning        counting with a <think> trace that lists the shapes, the user turn ending in /think:
                    how many shapes in an image drawn like a video frame (224x168, 1-5 shapes). The answer
-                   is the number in digits (no options). Records carry `solution` (the worked answer) and `hints` (five levels, L1 concept ..
-                   L5 the solution) for progressive hint sampling
+                   is the number in digits (no options). Records carry `solution` (the worked answer) and
+                   `hints` (five levels, L1 concept .. L5 the solution) for progressive hint sampling
   instruction      describe the image under 1-3 verifiable constraints (IFEval ids: lowercase, no commas,
                    end phrase, keyword, fewer than N words, <<title>>, quotation marks); records carry
                    `instruction_id_list` and `kwargs`, the reply obeys them
@@ -142,7 +142,7 @@ TRAIN_COUNTS = {"caption": 1500, "color": 1500, "shape": 1500, "count": 1500, "p
 # version's dataset is not continued on this one (train/schedule.ensure_demo_data). 2: frame-drawn counting.
 DATA_VERSION = 2
 # RL's prompts are reasoning questions of their own: on the train_reasoning.jsonl questions, whose worked
-# traces SFT has just learnt, the demo's RL lowered reasoning; on fresh ones it does not (configs/demo/rl.yaml).
+# traces SFT has just learnt, an earlier demo's RL lowered reasoning; fresh ones are what RL is measured on.
 RL_PROMPTS = 1000
 # long_video is trained on (stage 4) but not scored: 20-32 frames each would dominate every evaluation.
 TEST_COUNTS = {"color": 40, "shape": 40, "count": 40, "position": 40, "video_event": 20, "video_time": 20,
