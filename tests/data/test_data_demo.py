@@ -165,8 +165,8 @@ def test_reasoning_records_carry_solution_and_hints(demo):
 
 def test_rl_prompts_are_fresh_reasoning_questions(demo, tmp_path):
   """RL's prompts are reasoning records of their own: none shares an id with the questions SFT's traces
-  are built from, nor an image beyond the few small scenes that any two draws share, and writing them again (as for a dataset written before them)
-  gives the same file."""
+  are built from, nor an image beyond the few small scenes that any two draws share, and writing them
+  again gives the same file."""
   from train.data.demo import write_rl_prompts
   root = demo["path"]
   rl, sft = read(os.path.join(root, "train_rl.jsonl")), read(os.path.join(root, "train_reasoning.jsonl"))

@@ -490,7 +490,7 @@ def write_demo_dataset(out_dir: str, seed: int = 0, with_tfds: bool = True, scal
 
 def write_rl_prompts(out_dir: str, seed: int = 0, n: int = RL_PROMPTS) -> int:
   """Writes out_dir/train_rl.jsonl: n reasoning records (media in media/rl/) from their own random stream
-  (so a dataset written before the file existed gains it unchanged otherwise); returns n."""
+  (so their number does not change the rest of the dataset); returns n."""
   rng = random.Random(f"rl-{seed}")
   media_dir = os.path.join(out_dir, "media", "rl")
   os.makedirs(media_dir, exist_ok=True)
