@@ -136,10 +136,9 @@ def ensure_demo_data(path: str) -> None:
   """The demo dataset and the demo tokenizer (in PATH/tokenizer), each written when missing. A dataset
   written by an earlier version of the demo (another `version` in info.json) is an error: the demo's run
   dirs beside it were trained on it, so both are removed, not mixed with the new questions."""
-  from train.data.demo import DATA_VERSION
+  from train.data.demo import DATA_VERSION, write_demo_dataset
   info_path = os.path.join(path, "info.json")
   if not os.path.exists(info_path):
-    from train.data.demo import write_demo_dataset
     print(f"writing the demo dataset to {path} ...", file=sys.stderr, flush=True)
     write_demo_dataset(path)
   else:

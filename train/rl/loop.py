@@ -45,10 +45,10 @@ from train.metrics import MetricsWriter, read_metrics
 from train.model_state import ModelShape
 from train.rl import hinting
 from train.rl.hinting import prompt_hints
-from train.rl.prompts import SKIPS
 from train.rl.advantages import group_advantages
 from train.rl.batch import Response, pack_responses, reused_vision_dim
 from train.rl.config import RLRunConfig, load_rl_config
+from train.rl.prompts import SKIPS
 from train.rl.rollouts import Rollouts, prompt_seed, to_prompt
 from train.rl.update import make_ref_logprobs, rl_loss_fn, to_global
 from train.step import abstract_state, init_state, make_step
