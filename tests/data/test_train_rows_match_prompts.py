@@ -58,3 +58,31 @@ def test_training_row_and_prompt_agree(setup, manifest):
   packed = pack_prompts([prompt], seq_len=first, batch_size=1, num_patches=len(prompt.pixel_values))
   packed = {k: jnp.asarray(v) for k, v in packed.items() if k not in ("rope_delta", "dummy")}
   np.testing.assert_allclose(np.asarray(model(packed)[0, -1]), train_logits, atol=1e-4)
+
+
+def test_packed_row_equals_each_example_alone(setup):
+  """Images and multi-frame videos packed into one row: every answer's logits are those of its example in
+  a row of its own (no attention, vision-layout or position leak between the row's examples)."""
+  root, tok, model = setup
+  ids = token_ids(tok)
+  picked = []
+  for manifest in ("train_image.jsonl", "train_video.jsonl"):
+    path = str(root / "data" / manifest)
+    source, lines = open_source(path), open(path).read().splitlines()
+    idx = [i for i, l in enumerate(lines) if json.loads(l)["category"] not in ("caption", "text")][:2]
+    picked += [Decoder(tok, 0)(source[i]) for i in idx]
+  examples = [picked[2], picked[0], picked[3], picked[1]]     # video, image, video, image
+  seq_len, num_patches = 1024, 4096
+
+  def answer_logits(exs):
+    row = build_row([fit_example(e, seq_len, num_patches, ids, "truncate") for e in exs], seq_len, num_patches,
+                    ids)
+    batch = {k: jnp.asarray(np.expand_dims(v, batch_layout.batch_axis(k)))
+             for k, v in row.items() if k not in ("loss_mask", "source_ids")}
+    answer = np.nonzero(row["loss_mask"])[0]
+    return np.asarray(model(batch)[0])[answer - 1]           # (answer tokens, vocab)
+
+  packed = answer_logits(examples)
+  alone = np.concatenate([answer_logits([e]) for e in examples])
+  assert packed.shape == alone.shape and len(packed) >= len(examples)
+  np.testing.assert_allclose(packed, alone, atol=1e-4)
