@@ -21,6 +21,13 @@ from train.data.packing import build_row, fit_example
 from train.data.sources import open_source
 
 
+def _row_logits(model, row) -> np.ndarray:
+  """(seq_len, vocab) logits of one packed training row."""
+  batch = {k: jnp.asarray(np.expand_dims(v, batch_layout.batch_axis(k)))
+           for k, v in row.items() if k not in ("loss_mask", "source_ids")}
+  return np.asarray(model(batch)[0])
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("rows")
@@ -41,9 +48,7 @@ def test_training_row_and_prompt_agree(setup, manifest):
   seq_len, num_patches = 1024, 4096
   row = build_row([fit_example(ex, seq_len, num_patches, ids, "truncate")], seq_len, num_patches, ids)
   first = int(np.argmax(row["loss_mask"]))            # the answer's first token
-  batch = {k: jnp.asarray(np.expand_dims(v, batch_layout.batch_axis(k)))
-           for k, v in row.items() if k not in ("loss_mask", "source_ids")}
-  train_logits = np.asarray(model(batch)[0, first - 1])
+  train_logits = _row_logits(model, row)[first - 1]
 
   messages = json.loads(json.dumps(record["messages"][:1]))
   for e in messages[0]["content"]:
@@ -77,10 +82,8 @@ def test_packed_row_equals_each_example_alone(setup):
   def answer_logits(exs):
     row = build_row([fit_example(e, seq_len, num_patches, ids, "truncate") for e in exs], seq_len, num_patches,
                     ids)
-    batch = {k: jnp.asarray(np.expand_dims(v, batch_layout.batch_axis(k)))
-             for k, v in row.items() if k not in ("loss_mask", "source_ids")}
     answer = np.nonzero(row["loss_mask"])[0]
-    return np.asarray(model(batch)[0])[answer - 1]           # (answer tokens, vocab)
+    return _row_logits(model, row)[answer - 1]               # (answer tokens, vocab)
 
   packed = answer_logits(examples)
   alone = np.concatenate([answer_logits([e]) for e in examples])
