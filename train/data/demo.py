@@ -19,50 +19,53 @@
   out_dir/info.json                        counts per split and category
 
 Content (an image: 84x84 px = 6x6 patches = 9 LLM tokens, cells of a 3x3 grid are 28 px; a video frame:
-224x168 px = 12x16 patches = 48 tokens, the same grid in 56 px cells, 28 px from the left):
+224x168 px = 12x16 patches = 48 tokens, black, with one shape filling an 84 px box (3x3 tokens) in one of
+its four quadrants):
   caption          describe 1-3 shapes: colour, shape, position
   color/shape/count/position   multiple-choice questions on an image
-  video_event      a shape appears, moves or changes colour at a known time; what happened? (the outcome:
-                   the new shape's colour, where it moves to, what colour it turns; distractors are
-                   colours or places not seen in the video, options shuffled)
-  video_time       ... when did it happen? (read from the frame timestamps; four ascending times, the
-                   correct letter uniform)
-  long_video       20-32 frames (10-16 s), one event; when? (the long-context stage)
+  video_event      five frames; the shape appears, moves to another quadrant or changes colour at a known
+                   frame; what happened? (the outcome: the new shape's colour, the quadrant it moves to, the
+                   colour it turns; options in the pool's order like the image questions', the distractors
+                   colours not in the video or the other quadrants)
+  video_time       ... when did it happen? (read from the frame timestamps; five frames make the options the
+                   four possible times 0.5-2.0 s, the correct letter uniform)
+  long_video       20-32 frames (10-16 s), one event; when? (for long-context rows; the demo's are too short)
   reasoning        counting with a <think> trace that lists the shapes, the user turn ending in /think:
-                   how many shapes in an image drawn like a video frame (224x168, 1-5 shapes). The answer
-                   is the number in digits (no options). Records carry `solution` (the worked answer) and
-                   `hints` (five levels, L1 concept .. L5 the solution) for progressive hint sampling
+                   how many shapes in an image drawn like a video frame (224x168, 1-5 shapes in 56 px cells
+                   of the 3x3 grid). The answer is the number in digits (no options). Records carry `solution`
+                   (the worked answer) and `hints` (five levels, L1 concept .. L5 the solution) for
+                   progressive hint sampling
   instruction      describe the image under 1-3 verifiable constraints (IFEval ids: lowercase, no commas,
                    end phrase, keyword, fewer than N words, <<title>>, quotation marks); records carry
                    `instruction_id_list` and `kwargs`, the reply obeys them
   text             text-only multiple choice (which word is a colour / a shape)
 Videos are static between events, so the unchanged frames become fast frames and, on the frames' black
-background, the event's frame is a slow frame (the reference's slow/fast classification marks the change).
+background, the frame where a shape appears or moves is a slow frame (the reference's slow/fast
+classification marks the change; a colour change mostly stays fast).
 
 Sizes with keye_jax.processing and the demo tokenizer: an image example is ~57 tokens and 36 patches. A
 video frame has at least 48 tokens (the reference's VIDEO_MIN_PIXELS) and a fast frame at most 48 (its
 budget is 0.3x a slow frame's, floored at that minimum), so a 224x168 frame (6x8 tokens) is the one size
-the reference sizing keeps as it is for slow and fast frames alike: no resampling, and every grid cell is
-exactly 2x2 merged tokens (an 84 px frame was upscaled to 196 px, a 196 px one would shrink its fast frames
-to 168 px). A short video example (5-6 frames) is ~330-390 tokens and 960-1152 patches, a long one (20-32
-frames) ~1150-1800 tokens and 3840-6144 patches. Short contexts (512-1024 tokens) hold every category except
-long_video. The train mix averages ~2.5 patches per text token: rows with num_patches ~3x seq_len keep the
-text budget the binding one.
+the reference sizing keeps as it is for slow and fast frames alike: no resampling, and the shape boxes lie
+on the merged-token grid. A short video example (5 frames) is ~330 tokens and 960 patches, a long one (20-32
+frames) ~1150-1800 tokens and 3840-6144 patches.
 
-The CPU demo (configs/demo) trains on images first and scores test.jsonl: the image questions (colour,
-shape, count, position), the video questions (event and time as one `video` category), reasoning and
-instructions.
+The CPU demo (configs/demo) scores test.jsonl: the image questions (colour, shape, count, position), the
+video questions (event and time, as one `video` category), reasoning and instructions.
 
-Video, measured (README, "Video"): the tiny model does not learn the video questions within the demo's
-budget. Two things hold them back: the event options are shuffled, and the model does not learn to find a
-seen outcome's word among shuffled options (the same full-frame colour videos, 150 event-only steps from
-stage 4: 80% with the options in the colours' order, 25% shuffled; the image questions list theirs in order,
-`_choices`); and the shapes in 56 px cells are 2x2 of a frame's 48 tokens (with ordered options "what" is
-still 29% after 450 video-only steps; one 84 px shape in a quadrant: 51% "what", 88% "when" after 300). Even
-then the ~1,800 videos that takes are about 3 minutes more than the demo's budget has, and SFT wears a video
-skill learnt in pre-training away, so the dataset keeps these videos. The answer letters are uniform so that
-no letter prior inflates the scores (before: video_time's D was correct for 1 test item in 20;
-alphabetically sorted event options put "a ... appears" first, the answer to 51-66% of the appear events).
+Why the videos look like this (measured from the demo's stage-4 checkpoint, video-only, lr 1e-3, rows of
+1,024 tokens, 200 fresh items). Two things held the video questions at chance in earlier versions:
+- Options in random order. A model that sees the outcome must then find its word among the options to name
+  the letter, and the tiny model does not learn that lookup: told the answer in the prompt ("The answer is
+  blue. ... A. red ..."), it picks the letter 28% of the time. On the same videos (the whole frame one
+  colour turning into another), 150 event-only steps reach 80% with the options in the colours' order and
+  25% with them shuffled. The image questions always listed theirs in the pool's order (`_choices`).
+- Small shapes. With 1-2 shapes in 56 px cells (2x2 of a frame's 48 tokens) and the options in order,
+  "what happened" was 24% after 150 steps and 29% after 450 (half of them "when", 62% by then); one 84 px
+  shape in a quadrant: 58% and 54% ("what", "when") after 150 steps, 51% and 88% after 300.
+The budget decides the rest: the ~1,500 videos the tiny model needs are learnt when they are spread through
+the demo's stage 2 (one example in 12), not from a video-heavy stage at the end (README, "Video").
+The answer letters are uniform so that no letter prior inflates the scores.
 
 Every question but captions, reasoning and instructions is multiple choice with four options A-D (chance
 25%) answered by one letter, in train and test alike; test records keep `answer` (the letter), `options`
@@ -85,13 +88,17 @@ from train.data.records import pack_record
 SIZE = 84
 CELL = 28
 BACKGROUND = (20, 20, 28)
-# Video frames are black around the shapes: the reference's slow/fast classifier leaves out patches that are
-# black in both frames, so an event changes a large share of the few patches left and its frame is a slow
-# frame when a shape appears or moves (136 of 136 in 200 videos; a colour change keeps brightness and
-# saturation and mostly stays fast). On the images' dark grey all 48 patches count, an event changes 4-8 of
-# them, and 179 of 200 event frames were fast.
+# Video frames (and the reasoning images drawn like them, 1-5 shapes in 56 px cells) are black around the
+# shapes: the reference's slow/fast classifier leaves out patches that are black in both frames, so an event
+# changes a large share of the few patches left and its frame is a slow frame when a shape appears or moves
+# (124 of 124 in 200 videos; a colour change keeps brightness and saturation and mostly stays fast, 64 of 76).
+# On the images' dark grey all 48 patches count, and most event frames stayed fast.
 VIDEO_FRAME = {"size": (224, 168), "cell_px": 56, "left": 28, "background": (0, 0, 0)}
-SHORT_FRAMES = (5, 6)
+# A video: one shape, QUADRANT_BOX px (3x3 merged tokens), in one quadrant of the frame, token-aligned.
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+QUADRANT_XY = {"top left": (0, 0), "top right": (140, 0), "bottom left": (0, 84), "bottom right": (140, 84)}
+QUADRANT_BOX = 84
+SHORT_FRAMES = 5
 FPS = 2
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40),
           "purple": (150, 60, 200), "white": (235, 235, 235)}
@@ -122,8 +129,9 @@ TRAIN_COUNTS = {"caption": 1500, "color": 1500, "shape": 1500, "count": 1500, "p
                 "video_event": 250, "video_time": 250, "long_video": 40, "reasoning": 800, "text": 500,
                 "instruction": 600}
 # info.json's `version`: raised when the questions change, so that a demo run dir trained on an earlier
-# version's dataset is not continued on this one (train/schedule.ensure_demo_data). 2: frame-drawn counting.
-DATA_VERSION = 2
+# version's dataset is not continued on this one (train/schedule.ensure_demo_data). 2: frame-drawn counting;
+# 3: videos of one large shape, event options in the pool's order.
+DATA_VERSION = 3
 # RL's prompts are reasoning questions of their own: on the train_reasoning.jsonl questions, whose worked
 # traces SFT has just learnt, an earlier demo's RL lowered reasoning; fresh ones are what RL is measured on.
 RL_PROMPTS = 1000
@@ -138,22 +146,35 @@ TEST_COUNTS = {"color": 40, "shape": 40, "count": 40, "position": 40, "video_eve
 def _draw(objects, size: tuple[int, int] = (SIZE, SIZE), cell_px: int = CELL, left: int = 0,
           background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
   """A (width, height) RGB image of (colour, shape, cell) objects on a dark background: a 3x3 grid of
-  `cell_px` cells, `left` px from the left edge (an image: 84x84, 28 px cells; a video frame: VIDEO_FRAME)."""
+  `cell_px` cells, `left` px from the left edge (an image: 84x84, 28 px cells; a reasoning image: VIDEO_FRAME)."""
   img = Image.new("RGB", size, background)
   d = ImageDraw.Draw(img)
   pad = cell_px // 7
   for color, shape, cell in objects:
     r, c = divmod(cell, 3)
     x0, y0 = left + c * cell_px + pad, r * cell_px + pad
-    x1, y1 = x0 + cell_px - 2 * pad, y0 + cell_px - 2 * pad
-    fill = COLORS[color]
-    if shape == "circle":
-      d.ellipse((x0, y0, x1, y1), fill=fill)
-    elif shape == "square":
-      d.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
-    else:
-      d.polygon(((x0 + x1) / 2, y0, x1, y1, x0, y1), fill=fill)
+    _shape(d, shape, (x0, y0, x0 + cell_px - 2 * pad, y0 + cell_px - 2 * pad), COLORS[color])
   return img
+
+
+def _video_frame(obj) -> Image.Image:
+  """A video frame: black, with at most one (colour, shape, quadrant) shape filling its quadrant's box."""
+  img = Image.new("RGB", VIDEO_FRAME["size"], VIDEO_FRAME["background"])
+  if obj is not None:
+    color, shape, quadrant = obj
+    x, y = QUADRANT_XY[quadrant]
+    _shape(ImageDraw.Draw(img), shape, (x + 2, y + 2, x + QUADRANT_BOX - 3, y + QUADRANT_BOX - 3), COLORS[color])
+  return img
+
+
+def _shape(d: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+  x0, y0, x1, y1 = box
+  if shape == "circle":
+    d.ellipse(box, fill=fill)
+  elif shape == "square":
+    d.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
+  else:
+    d.polygon(((x0 + x1) / 2, y0, x1, y1, x0, y1), fill=fill)
 
 
 def _png(img: Image.Image) -> bytes:
@@ -296,48 +317,36 @@ class _Builder:
   def video_record(self, category: str):
     """(frames, question, answer text, options, letter) for video_event, video_time or long_video.
 
-    video_event asks for the event's outcome (where the shape moves, what colour it turns, the colour of the
-    shape that appears), with distractors not seen in the video; video_time and long_video ask when it
-    happens, the correct letter drawn uniformly among the four ascending times."""
+    One shape in one quadrant of a black frame appears, moves to another quadrant or changes colour at
+    frame k. video_event asks for the outcome (the new shape's colour, the quadrant it moves to, the colour
+    it turns), its four options listed in the pool's order like the image questions'; video_time and
+    long_video ask when it happens, the correct letter drawn uniformly among four ascending times (a short
+    video's five frames make them always 0.5-2.0 seconds)."""
     rng = self.rng
-    n = rng.randint(20, 32) if category == "long_video" else rng.randint(*SHORT_FRAMES)
+    n = rng.randint(20, 32) if category == "long_video" else SHORT_FRAMES
     if category == "video_event":
       k = rng.randint(1, n - 1)  # the event's frame: frames k.. show the outcome
     else:
       j = rng.randrange(4)       # the correct letter: j earlier times and 3 - j later ones among the options
       k = rng.randint(j + 1, n - 4 + j)
-    base = _scene(rng, rng.randint(1, 2))
-    color, shape, cell = base[0]
-    base = [base[0]] + [o for o in base[1:] if (o[0], o[1]) != (color, shape)]  # the subject is unique
-    seen = {c for c, _, _ in base}
+    color, shape, place = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(QUADRANTS)
+    subject = _name(color, shape)
     kind = rng.choice(("appear", "move", "change"))
     if kind == "appear":
-      free = [c for c in range(9) if c not in {o[2] for o in base}]
-      new = (rng.choice([c for c in COLORS if c not in seen]), rng.choice(SHAPES), rng.choice(free))
-      after = base + [new]
-      question, correct = "A new shape appears. What colour is it?", new[0]
-      pool = [c for c in COLORS if c not in seen]
-      subject = _name(new[0], new[1])
+      before, after = None, (color, shape, place)
+      question, correct, pool = "A new shape appears. What colour is it?", color, COLORS
     elif kind == "move":
-      moves = [cell + 3 * dr + dc for dr, dc in DIRECTIONS.values()
-               if 0 <= cell // 3 + dr < 3 and 0 <= cell % 3 + dc < 3
-               and cell + 3 * dr + dc not in {o[2] for o in base}]
-      target = rng.choice(moves)
-      after = [(color, shape, target)] + base[1:]
-      question, correct = f"The {_name(color, shape)} moves. Where does it move to?", POSITIONS[target]
-      pool = [POSITIONS[c] for c in range(9) if c not in {o[2] for o in base}]
-      subject = _name(color, shape)
+      target = rng.choice([q for q in QUADRANTS if q != place])
+      before, after = (color, shape, place), (color, shape, target)
+      question, correct, pool = f"The {subject} moves. Where does it move to?", target, QUADRANTS
     else:
-      new_color = rng.choice([c for c in COLORS if c not in seen])
-      after = [(new_color, shape, cell)] + base[1:]
-      question, correct = f"The {_name(color, shape)} changes colour. What colour does it turn?", new_color
-      pool = [c for c in COLORS if c not in seen]
-      subject = f"{shape} that was {color}"
-    frames = [_draw(base if i < k else after, **VIDEO_FRAME) for i in range(n)]
+      new_color = rng.choice([c for c in COLORS if c != color])
+      before, after = (color, shape, place), (new_color, shape, place)
+      question, correct = f"The {subject} changes colour. What colour does it turn?", new_color
+      pool = [c for c in COLORS if c != color]
+    frames = [_video_frame(before if i < k else after) for i in range(n)]
     if category == "video_event":
-      options = rng.sample([p for p in pool if p != correct], 3) + [correct]
-      rng.shuffle(options)
-      letter = LETTERS[options.index(correct)]
+      options, letter = _choices(rng, correct, pool)
       return frames, _mc_text(question, options), letter, options, letter
     earlier = rng.sample(range(1, k), j)
     later = rng.sample(range(k + 1, n), 3 - j)
