@@ -106,7 +106,6 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 LETTERS = "ABCD"
-DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 # Sampling rate of the files (every frame is read); the reference sizing upscales frames to >= 196x196.
 VIDEO_KEYS = {"fps": float(FPS)}
 VIDEO_CATEGORIES = ("video_event", "video_time", "long_video")
